@@ -1,0 +1,102 @@
+"""One registry of mechanisms and their implementations, and the dispatcher.
+
+Every mechanism is registered by name with its tiers: ``reference`` (the exact oracle),
+``xla`` (the efficient pure-JAX form), and where they exist ``cudnn`` / ``pallas``. Each
+tier comes with a ``supports(call)`` predicate that returns None when it can run the call
+on the current backend and a sentence saying why not otherwise.
+
+``implementation=None`` tries the tiers that join automatic dispatch in priority order
+and takes the first that supports the call; a named tier that cannot run the call raises
+``ValueError`` with its reason. Automatic dispatch never picks ``reference``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+Supports = Callable[[Any], "str | None"]
+
+
+def _always(call) -> None:
+  del call
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+  """One tier of one mechanism.
+
+  Attributes:
+    name: the tier's name (``"reference"``, ``"xla"``, ``"cudnn"``, ``"pallas"``).
+    fn: the function; every tier of a mechanism takes the same arguments.
+    supports: ``call -> None | reason``; ``call`` is the mechanism's canonical call.
+    priority: higher runs first under automatic dispatch.
+    automatic: whether ``implementation=None`` may pick this tier.
+  """
+
+  name: str
+  fn: Callable[..., Any]
+  supports: Supports = _always
+  priority: int = 0
+  automatic: bool = True
+
+
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+
+
+def register(mechanism: str, impl: Implementation) -> None:
+  tiers = _REGISTRY.setdefault(mechanism, {})
+  if impl.name in tiers:
+    raise ValueError(f"{mechanism!r} already has an implementation named {impl.name!r}")
+  tiers[impl.name] = impl
+
+
+def mechanisms() -> tuple[str, ...]:
+  """The registered mechanism names, sorted."""
+  return tuple(sorted(_REGISTRY))
+
+
+def implementations(mechanism: str) -> tuple[str, ...]:
+  """The tiers of one mechanism, fastest first under automatic dispatch."""
+  tiers = _tiers(mechanism)
+  return tuple(sorted(tiers, key=lambda n: -tiers[n].priority))
+
+
+def _tiers(mechanism: str) -> dict[str, Implementation]:
+  if mechanism not in _REGISTRY:
+    raise ValueError(f"unknown mechanism {mechanism!r}; registered: {mechanisms()}")
+  return _REGISTRY[mechanism]
+
+
+def current_backend() -> str:
+  """The platform the computation runs on (``cpu``, ``gpu``, ``tpu``)."""
+  return jax.default_backend()
+
+
+def select(mechanism: str, implementation: str | None, call: Any) -> Implementation:
+  """The tier that runs ``call``: the named one, or the fastest that supports it."""
+  tiers = _tiers(mechanism)
+  if implementation is not None:
+    if implementation not in tiers:
+      raise ValueError(
+          f"implementation={implementation!r} is not a tier of {mechanism!r}; "
+          f"choose one of {implementations(mechanism)} or None")
+    impl = tiers[implementation]
+    reason = impl.supports(call)
+    if reason is not None:
+      raise ValueError(f"implementation={implementation!r} cannot run this "
+                       f"{mechanism} call: {reason}")
+    return impl
+  reasons = []
+  for name in implementations(mechanism):
+    impl = tiers[name]
+    if not impl.automatic:
+      continue
+    reason = impl.supports(call)
+    if reason is None:
+      return impl
+    reasons.append(f"{name}: {reason}")
+  raise ValueError(f"no tier of {mechanism!r} supports this call ({'; '.join(reasons)})")
