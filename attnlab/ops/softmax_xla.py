@@ -12,8 +12,8 @@ visit only those (and, in the dk/dv pass, the transposed lists). Ragged ends nee
 padding: the last block's window is shifted back to end at ``T`` (or ``S``) and the rows
 or keys it shares with the previous block are masked out and left unwritten.
 
-Layout inside: queries grouped as ``[B, T, K, G, H]`` (``G = N // K``) so that GQA/MQA
-never repeats keys or values in memory.
+Layout: arrays stay ``[B, T, N, H]``; each query block is viewed as ``[B, bq, K, G, H]``
+(``G = N // K``) so that GQA/MQA never repeats keys or values in memory.
 """
 
 from __future__ import annotations
@@ -85,6 +85,11 @@ def _window(x, start, size, axis):
   return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
+def _group(x, num_kv):
+  """``[B, bq, N, H]`` -> ``[B, bq, K, G, H]`` (a block, so the relayout stays small)."""
+  return x.reshape(x.shape[0], x.shape[1], num_kv, x.shape[2] // num_kv, x.shape[3])
+
+
 def _write(buffer, block, start, keep, axis):
   """Write ``block`` at ``start`` along ``axis``, keeping the old values where ``~keep``."""
   old = _window(buffer, start, block.shape[axis], axis)
@@ -99,8 +104,9 @@ class _Blocks:
 
   def __init__(self, static: _Static, q, k, bias, mask):
     self.static = static
-    self.batch, self.q_len, self.num_kv, self.groups, self.head_dim = q.shape
-    self.kv_len = k.shape[1]
+    self.batch, self.q_len, num_heads, self.head_dim = q.shape
+    self.kv_len, self.num_kv = k.shape[1], k.shape[2]
+    self.groups = num_heads // self.num_kv
     self.bq = static.block_q
     self.bk = static.block_k
     self.nq = -(-self.q_len // self.bq)
@@ -137,7 +143,7 @@ class _Blocks:
 
 
 def _forward(static: _Static, q, k, v, bias, mask, sinks):
-  """Returns the output ``[B, T, K, G, H]`` and the log-sum-exp ``[B, K, G, T]``."""
+  """Returns the output ``[B, T, N, H]`` and the log-sum-exp ``[B, K, G, T]``."""
   blk = _Blocks(static, q, k, bias, mask)
   kv_order, kv_count, _, _ = _block_lists(mask, blk.q_len, blk.kv_len, blk.bq, blk.bk)
   cdt = blk.cdt
@@ -152,7 +158,7 @@ def _forward(static: _Static, q, k, v, bias, mask, sinks):
   def q_step(i, carry):
     out, lse = carry
     q_start, q_idx, row_ok = blk.q_block(i)
-    qb = _window(q, q_start, blk.bq, 1)
+    qb = _group(_window(q, q_start, blk.bq, 1), blk.num_kv)
 
     def kv_step(s, state):
       m, l, acc = state
@@ -174,11 +180,15 @@ def _forward(static: _Static, q, k, v, bias, mask, sinks):
     o = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     lse_b = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
-    out = _write(out, o.transpose(0, 3, 1, 2, 4), q_start, row_ok, 1)
+    o = o.transpose(0, 3, 1, 2, 4).reshape(blk.batch, blk.bq, -1, blk.head_dim)
+    out = _write(out, o, q_start, row_ok, 1)
     lse = _write(lse, lse_b, q_start, row_ok, 3)
     return out, lse
 
-  out0 = jnp.zeros(q.shape, q.dtype)
+  # Every row of the output is written by its query block, so the loop may start from
+  # any buffer of the right shape. Starting from a copy of q rather than zeros keeps XLA
+  # from materialising one shared zero array beside the loop buffers.
+  out0 = q
   lse0 = jnp.zeros((blk.batch, blk.num_kv, blk.groups, blk.q_len), cdt)
   return lax.fori_loop(0, blk.nq, q_step, (out0, lse0))
 
@@ -189,7 +199,8 @@ def _backward(static: _Static, q, k, v, bias, mask, sinks, out, lse, dout):
       mask, blk.q_len, blk.kv_len, blk.bq, blk.bk)
   cdt = blk.cdt
   # D_i = sum_h dO_ih O_ih, the row term of the softmax backward.
-  delta = jnp.einsum("btkgh,btkgh->bkgt", dout.astype(cdt), out.astype(cdt))
+  delta = jnp.einsum("btnh,btnh->bnt", dout.astype(cdt), out.astype(cdt))
+  delta = delta.reshape(blk.batch, blk.num_kv, blk.groups, blk.q_len)
 
   def probs_and_dlogits(qb, dob, kb, vb, q_idx, kv_idx, row_ok, col_ok, lse_b, delta_b):
     logits, allowed, tanh = blk.scores(qb, kb, q_idx, kv_idx, row_ok, col_ok)
@@ -201,8 +212,9 @@ def _backward(static: _Static, q, k, v, bias, mask, sinks, out, lse, dout):
 
   def q_rows(i):
     q_start, q_idx, row_ok = blk.q_block(i)
-    return (q_start, q_idx, row_ok, _window(q, q_start, blk.bq, 1),
-            _window(dout, q_start, blk.bq, 1), _window(lse, q_start, blk.bq, 3),
+    return (q_start, q_idx, row_ok, _group(_window(q, q_start, blk.bq, 1), blk.num_kv),
+            _group(_window(dout, q_start, blk.bq, 1), blk.num_kv),
+            _window(lse, q_start, blk.bq, 3),
             _window(delta, q_start, blk.bq, 3))
 
   def kv_cols(j):
@@ -229,11 +241,13 @@ def _backward(static: _Static, q, k, v, bias, mask, sinks, out, lse, dout):
 
     dq_acc0 = jnp.zeros(qb.shape, cdt)
     dq_acc, dbias = lax.fori_loop(0, kv_count[i], kv_step, (dq_acc0, dbias))
+    dq_acc = dq_acc.reshape(blk.batch, blk.bq, -1, blk.head_dim)
     return _write(dq, dq_acc, q_start, row_ok, 1), dbias
 
   dbias0 = None if bias is None else jax.tree.map(
       lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)), bias)
-  dq, dbias = lax.fori_loop(0, blk.nq, dq_step, (jnp.zeros(q.shape, q.dtype), dbias0))
+  # As in the forward, every block writes all its rows: the buffers start as copies.
+  dq, dbias = lax.fori_loop(0, blk.nq, dq_step, (q, dbias0))
 
   # Pass 2, over key blocks: dk and dv.
   def dkv_step(j, carry):
@@ -255,8 +269,7 @@ def _backward(static: _Static, q, k, v, bias, mask, sinks, out, lse, dout):
     dk_acc, dv_acc = lax.fori_loop(0, q_count[j], q_step, (zeros, zeros))
     return (_write(dk, dk_acc, kv_start, col_ok, 1), _write(dv, dv_acc, kv_start, col_ok, 1))
 
-  dk, dv = lax.fori_loop(0, blk.nk, dkv_step, (jnp.zeros(k.shape, k.dtype),
-                                               jnp.zeros(v.shape, v.dtype)))
+  dk, dv = lax.fori_loop(0, blk.nk, dkv_step, (k, v))
   dsinks = None
   if sinks is not None:
     sink = sinks.astype(cdt).reshape(1, blk.num_kv, blk.groups, 1)
@@ -304,10 +317,6 @@ def dot_product_attention_xla(query, key, value, bias=None, mask=None, *, scale,
   ``[B, N, block_q, block_k]`` block of scores; never a ``[T, S]`` matrix.
   """
   sizes = block_sizes or BlockSizes()
-  batch, q_len, num_heads, head_dim = query.shape
-  kv_len, num_kv = key.shape[1], key.shape[2]
-  static = _Static(float(scale), logits_soft_cap, min(sizes.block_q, q_len),
-                   min(sizes.block_k, kv_len))
-  q = query.reshape(batch, q_len, num_kv, num_heads // num_kv, head_dim)
-  out = _attention(static, q, key, value, bias, mask, sinks)
-  return out.reshape(query.shape)
+  static = _Static(float(scale), logits_soft_cap, min(sizes.block_q, query.shape[1]),
+                   min(sizes.block_k, key.shape[1]))
+  return _attention(static, query, key, value, bias, mask, sinks)
