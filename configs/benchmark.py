@@ -1,0 +1,81 @@
+"""Softmax attention benchmark: attnlab's tiers beside jax.nn's, in one run.
+
+Shapes follow BENCHMARKS.md: ``B * T`` tokens split over each ``T``, ``N`` query heads,
+``K`` key/value heads, head dim ``H``. Every implementation is checked against the
+float32 reference before it is timed.
+
+Launch from the repository root:
+
+  # CPU, about ten seconds (what `make run` runs):
+  python -m experiments.benchmark --config=configs/benchmark.py:smoke
+
+  # One GPU, the standard shapes (bf16, 16k tokens, N=16, H=128, T=1k/4k/16k):
+  python -m experiments.benchmark --config=configs/benchmark.py --out=$OUT/results.jsonl
+  # Variants: GQA (N=32, K=8) and head dim 64:
+  python -m experiments.benchmark --config=configs/benchmark.py:gqa
+  python -m experiments.benchmark --config=configs/benchmark.py:d64
+
+Any field can be overridden on the command line, e.g.
+``--config.seq_lens='(4096,)' --config.causal='(True,)'``.
+"""
+
+import ml_collections
+
+VARIANTS = ("standard", "gqa", "d64", "smoke")
+
+
+def get_config(arg=None):
+  """The benchmark config. ``arg``: one of VARIANTS (default ``standard``)."""
+  variant = arg or "standard"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown benchmark variant {variant!r}; choose one of {VARIANTS}")
+
+  config = ml_collections.ConfigDict()
+  config.variant = variant
+  config.seed = 0
+  config.dtype = "bfloat16"
+  config.tokens = 16384  # B * T, fixed across T
+  config.seq_lens = (1024, 4096, 16384)
+  config.num_heads = 16  # N
+  config.num_kv_heads = 16  # K; N % K == 0
+  config.head_dim = 128  # H
+  config.causal = (True, False)
+  # attnlab tiers, by registry name, and jax.nn peers ("jax_nn_<implementation>").
+  config.implementations = ("xla", "cudnn")
+  config.peers = ("jax_nn_xla", "jax_nn_cudnn")
+  config.passes = ("fwd", "fwdbwd")
+
+  # Timing: `warmup` untimed calls, then `reps` timed runs of `iters` calls each; the
+  # reported time is the median over runs of the mean per call.
+  config.warmup = 3
+  config.iters = 10
+  config.reps = 5
+
+  # The correctness check runs the float32 reference on the first `check_batch` batch
+  # rows and the query heads of the first key/value heads covering `check_heads` query
+  # heads, so the dense [T, T] reference stays affordable at T = 16384.
+  config.check_batch = 1
+  config.check_heads = 2
+  # Largest accepted ||out - ref|| / ||ref||, per input dtype. A result above it is
+  # reported, not timed, and makes the run exit non-zero.
+  config.tolerance = ml_collections.ConfigDict(
+      {"float32": 2e-3, "bfloat16": 2e-2, "float16": 5e-3})
+
+  if variant == "gqa":
+    config.num_heads = 32
+    config.num_kv_heads = 8
+  elif variant == "d64":
+    config.head_dim = 64
+  elif variant == "smoke":
+    config.dtype = "float32"
+    config.tokens = 512
+    config.seq_lens = (64, 256)
+    config.num_heads = 4
+    config.num_kv_heads = 4
+    config.head_dim = 32
+    config.implementations = ("reference", "xla")
+    config.peers = ("jax_nn_xla",)
+    config.warmup = 1
+    config.iters = 2
+    config.reps = 3
+  return config

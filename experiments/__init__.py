@@ -1,0 +1,1 @@
+"""absl entry points: ``benchmark.py`` measures attnlab's kernels against JAX's."""

@@ -1,0 +1,1 @@
+"""Pallas kernels behind attnlab's ``pallas`` tiers: ``gpu/`` (Mosaic GPU) and ``tpu/`` (Mosaic TPU)."""

@@ -1,0 +1,1 @@
+"""Mosaic GPU (``plgpu.kernel``) kernels for Hopper and later NVIDIA GPUs."""

@@ -1,0 +1,1 @@
+"""Mosaic TPU kernels, checked on CPU in TPU interpret mode."""

@@ -1,0 +1,17 @@
+"""Shared test set-up: strict JAX flags and a fresh, reproducible random source per test."""
+
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+# Implicit rank promotion hides shape bugs; NaN anywhere is a failure, not a warning.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_debug_nans", True)
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+  """A generator seeded from the test's id: new inputs per test, the same on every run."""
+  return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
