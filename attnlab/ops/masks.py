@@ -81,11 +81,36 @@ class Mask:
     """``[nq, nk]`` int8 codes (EMPTY, PARTIAL, FULL); NumPy when static."""
     return _static_summary(self, q_len, kv_len, block_q, block_k)
 
+  def check(self, batch: int, num_heads: int, q_len: int, kv_len: int) -> None:
+    """Raise ValueError if the mask's arrays do not fit a ``[B, N, T, S]`` call."""
+    del batch, num_heads, q_len, kv_len
+
   def __and__(self, other: Mask) -> Mask:
     return And(self, _as_mask(other))
 
   def __or__(self, other: Mask) -> Mask:
     return Or(self, _as_mask(other))
+
+
+def _check_array(owner, name, x, shape, kind):
+  x_shape = tuple(np.shape(x))
+  if x_shape != tuple(shape):
+    raise ValueError(f"mask {owner}.{name} must have shape {tuple(shape)}, got {x_shape}")
+  dtype = jnp.asarray(x).dtype
+  if kind == "int" and not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(f"mask {owner}.{name} must be integers, got dtype {dtype}")
+
+
+def _check_broadcast(owner, name, x, full, want_bool):
+  shape = tuple(np.shape(x))
+  if len(shape) != 4 or any(s not in (1, f) for s, f in zip(shape, full)):
+    raise ValueError(f"{owner}.{name} must be broadcastable to [B, N, T, S]={full}, "
+                     f"got shape {shape}")
+  is_bool = jnp.asarray(x).dtype == jnp.bool_
+  if want_bool and not is_bool:
+    raise ValueError(f"{owner}.{name} must be boolean, got {jnp.asarray(x).dtype}")
+  if not want_bool and not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+    raise ValueError(f"{owner}.{name} must be floating point, got {jnp.asarray(x).dtype}")
 
 
 def _as_mask(m) -> Mask:
@@ -273,6 +298,10 @@ class Documents(Mask):
     k = jnp.take(self.kv_segment_ids, kv_idx[0, :], axis=1)
     return (q[:, :, None] == k[:, None, :])[:, None]
 
+  def check(self, batch, num_heads, q_len, kv_len):
+    _check_array("Documents", "q_segment_ids", self.q_segment_ids, (batch, q_len), "int")
+    _check_array("Documents", "kv_segment_ids", self.kv_segment_ids, (batch, kv_len), "int")
+
   def block_summary(self, q_len, kv_len, block_q, block_k):
     qmin, qmax = _block_min_max(self.q_segment_ids, block_q)
     kmin, kmax = _block_min_max(self.kv_segment_ids, block_k)
@@ -298,6 +327,13 @@ class Padding(Mask):
       batch = (self.kv_lengths if self.q_lengths is None else self.q_lengths).shape[0]
       return jnp.full((batch,), full, jnp.int32)
     return lengths
+
+  def check(self, batch, num_heads, q_len, kv_len):
+    if self.q_lengths is None and self.kv_lengths is None:
+      raise ValueError("mask Padding needs q_lengths or kv_lengths, got neither")
+    for name in ("q_lengths", "kv_lengths"):
+      if getattr(self, name) is not None:
+        _check_array("Padding", name, getattr(self, name), (batch,), "int")
 
   def predicate(self, q_idx, kv_idx):
     ql = self._lengths(self.q_lengths, np.iinfo(np.int32).max)
@@ -328,6 +364,10 @@ class ArrayMask(Mask):
 
   mask: Any
   is_static = False
+
+  def check(self, batch, num_heads, q_len, kv_len):
+    _check_broadcast("mask ArrayMask", "mask", self.mask, (batch, num_heads, q_len, kv_len),
+                     want_bool=True)
 
   def predicate(self, q_idx, kv_idx):
     return _take_block(self.mask, q_idx, kv_idx)
@@ -373,6 +413,10 @@ class And(Mask):
   def is_static(self):
     return self.a.is_static and self.b.is_static
 
+  def check(self, *shape):
+    self.a.check(*shape)
+    self.b.check(*shape)
+
   def __hash__(self):
     return hash((And, self.a, self.b))
 
@@ -409,6 +453,10 @@ class Or(Mask):
   @property
   def is_static(self):
     return self.a.is_static and self.b.is_static
+
+  def check(self, *shape):
+    self.a.check(*shape)
+    self.b.check(*shape)
 
   def __hash__(self):
     return hash((Or, self.a, self.b))
@@ -458,6 +506,10 @@ class ScoreMod:
     """``[..., bq, bk]`` float, leading dims broadcastable to ``[B, N]``."""
     raise NotImplementedError
 
+  def check(self, batch: int, num_heads: int, q_len: int, kv_len: int) -> None:
+    """Raise ValueError if the parameters do not fit a ``[B, N, T, S]`` call."""
+    del batch, num_heads, q_len, kv_len
+
   def dense(self, q_len: int, kv_len: int):
     q = jnp.arange(q_len)[:, None]
     k = jnp.arange(kv_len)[None, :]
@@ -489,14 +541,35 @@ class Alibi(ScoreMod):
 
   slopes: Any
 
+  def check(self, batch, num_heads, q_len, kv_len):
+    shape = tuple(np.shape(self.slopes))
+    if shape != (num_heads,):
+      raise ValueError(f"bias Alibi.slopes must have shape [N]=({num_heads},), got {shape}")
+    if not jnp.issubdtype(jnp.asarray(self.slopes).dtype, jnp.floating):
+      raise ValueError(f"bias Alibi.slopes must be floating point, got "
+                       f"{jnp.asarray(self.slopes).dtype}")
+
   def bias(self, q_idx, kv_idx):
     dist = jnp.abs(q_idx - kv_idx).astype(self.slopes.dtype)
     return -self.slopes[:, None, None] * dist[None]
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
-  """The geometric ALiBi slopes ``2 ** (-8 h / N)``, h = 1..N (Press et al. 2022, §3)."""
-  return 2.0 ** (-8.0 * np.arange(1, num_heads + 1) / num_heads)
+  """The ALiBi head slopes of Press et al. 2022 (§3), float64 ``[N]``.
+
+  For ``N`` a power of two, ``2 ** (-8 h / N)`` for h = 1..N. Otherwise the slopes of
+  the largest power of two ``P < N``, then every other slope of ``2P`` for the rest.
+  """
+  if num_heads < 1:
+    raise ValueError(f"num_heads must be positive, got {num_heads}")
+
+  def geometric(n):
+    return 2.0 ** (-8.0 * np.arange(1, n + 1) / n)
+
+  p = 2 ** int(np.floor(np.log2(num_heads)))
+  if p == num_heads:
+    return geometric(p)
+  return np.concatenate([geometric(p), geometric(2 * p)[0::2][: num_heads - p]])
 
 
 @_data_dataclass(data=("table",))
@@ -505,6 +578,15 @@ class RelativePositionBias(ScoreMod):
   -M, M) + M]`` with ``table [N, 2M + 1]`` (Shaw et al. 2018 / T5, without buckets)."""
 
   table: Any
+
+  def check(self, batch, num_heads, q_len, kv_len):
+    shape = tuple(np.shape(self.table))
+    if len(shape) != 2 or shape[0] != num_heads or shape[1] % 2 != 1:
+      raise ValueError("bias RelativePositionBias.table must have shape [N, 2M + 1] with "
+                       f"N={num_heads}, got {shape}")
+    if not jnp.issubdtype(jnp.asarray(self.table).dtype, jnp.floating):
+      raise ValueError(f"bias RelativePositionBias.table must be floating point, got "
+                       f"{jnp.asarray(self.table).dtype}")
 
   def bias(self, q_idx, kv_idx):
     m = (self.table.shape[1] - 1) // 2
@@ -517,6 +599,10 @@ class ArrayBias(ScoreMod):
   """A user's additive bias array, broadcastable to ``[B, N, T, S]``."""
 
   bias_array: Any
+
+  def check(self, batch, num_heads, q_len, kv_len):
+    _check_broadcast("bias ArrayBias", "bias_array", self.bias_array,
+                     (batch, num_heads, q_len, kv_len), want_bool=False)
 
   def bias(self, q_idx, kv_idx):
     return _take_block(self.bias_array, q_idx, kv_idx)

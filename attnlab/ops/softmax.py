@@ -203,6 +203,10 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None, is_caus
     kl = _check_int_array("key_value_seq_lengths", key_value_seq_lengths, (batch,))
     parts.append(masks_lib.Padding(ql, kl))
   mask_obj = masks_lib.combine_masks(*parts)
+  if mask_obj is not None:
+    mask_obj.check(batch, num_heads, q_len, kv_len)
+  if bias_mod is not None:
+    bias_mod.check(batch, num_heads, q_len, kv_len)
 
   if sinks is not None:
     sinks = jnp.asarray(sinks)

@@ -215,36 +215,34 @@ DYNAMIC_LENGTHS = ((1, 1), (63, 65), (65, 63), (33, 257))
 
 
 @pytest.mark.parametrize("name,build", DYNAMIC_MASKS, ids=[m[0] for m in DYNAMIC_MASKS])
-def test_dynamic_dense_and_predicate(name, build, rng):
+def test_dynamic_mask(name, build, rng):
+  """``dense`` and ``predicate`` equal the formula; in ``block_summary`` (computed under
+  jit), EMPTY means no allowed pair in any batch row and FULL means every pair allowed."""
   for t, s in DYNAMIC_LENGTHS:
     mask, expected = build(rng, 2, t, s)
     rows = np.arange(min(5, t - 1), min(21, t))
     cols = np.arange(min(3, s - 1), min(40, s))
-    dense, block = jax.jit(lambda m: (m.dense(t, s), m.predicate(
-        jnp.asarray(rows[:, None], jnp.int32), jnp.asarray(cols[None, :], jnp.int32))))(mask)
-    dense, block = np.asarray(dense), np.asarray(block)
+
+    @jax.jit
+    def views(m):
+      block = m.predicate(jnp.asarray(rows[:, None], jnp.int32),
+                          jnp.asarray(cols[None, :], jnp.int32))
+      return m.dense(t, s), block, [m.block_summary(t, s, bq, bk) for bq, bk in BLOCKS]
+
+    dense, block, summaries = jax.tree.map(np.asarray, views(mask))
     assert dense.dtype == bool and dense.ndim == 4, (name, dense.shape)
-    full_shape = np.broadcast_shapes(dense.shape, expected.shape)
+    full_shape = np.broadcast_shapes(dense.shape, expected.shape, (2, 3, t, s))
     expected = np.broadcast_to(expected, full_shape)
     np.testing.assert_array_equal(np.broadcast_to(dense, full_shape), expected,
                                   err_msg=f"dense T={t} S={s}")
     want = expected[..., rows[:, None], cols[None, :]]
     np.testing.assert_array_equal(np.broadcast_to(block, want.shape), want,
                                   err_msg=f"predicate T={t} S={s}")
-
-
-@pytest.mark.parametrize("name,build", DYNAMIC_MASKS, ids=[m[0] for m in DYNAMIC_MASKS])
-def test_dynamic_block_summary_is_conservative(name, build, rng):
-  """EMPTY means no allowed pair in any batch row; FULL means every pair allowed."""
-  for t, s in DYNAMIC_LENGTHS:
-    mask, expected = build(rng, 2, t, s)
-    summaries = jax.jit(lambda m: [m.block_summary(t, s, bq, bk) for bq, bk in BLOCKS])(mask)
     for (bq, bk), got in zip(BLOCKS, summaries):
-      got = np.asarray(got)
       where = f"{name} T={t} S={s} blocks=({bq}, {bk})"
       assert got.dtype == np.int8 and got.shape == (-(-t // bq), -(-s // bk)), where
-      truth = brute_summary(np.broadcast_to(expected, (2, 3, t, s)), bq, bk)
       assert np.all(np.isin(got, (masks.EMPTY, masks.PARTIAL, masks.FULL))), where
+      truth = brute_summary(expected, bq, bk)
       wrong_empty = (got == masks.EMPTY) & (truth != masks.EMPTY)
       wrong_full = (got == masks.FULL) & (truth != masks.FULL)
       assert not wrong_empty.any(), f"{where}: EMPTY claimed at {np.argwhere(wrong_empty)}"

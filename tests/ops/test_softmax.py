@@ -443,8 +443,7 @@ def cases(*names):
 BF16_CASES = cases("plain_T63_mha", "plain_T257_mqa_H32", "causal_T33_S65",
                    "sliding_window_T257", "seq_lengths_zero_T63_S65", "bias_1N1S_T65_S33",
                    "alibi_causal_T65", "everything_T65", "everything_mqa_T63_S65")
-SWEEP_CASES = cases("sliding_window_T257", "everything_T65", "or_docs_causal_T65",
-                    "causal_T33_S65")
+SWEEP_CASES = cases("sliding_window_T257", "everything_T65", "or_docs_causal_T65")
 # Cases whose masks the gradient-support check walks (T <= 65 keeps it cheap).
 SUPPORT_CASES = cases("causal_T65", "causal_T33_S65", "window_9_3_T63_S65",
                       "chunked_causal_10_T63", "prefix_lm_10_T65", "strided_sparse_8_T65",
@@ -519,7 +518,7 @@ class SoftmaxSuite:
 
   implementation: str
   block_sizes: tuple = (None,)  # cycled over the cases
-  sweep_block_sizes: tuple = (None,)
+  sweep_block_sizes: tuple = ()  # swept on a few hard cases; empty for tiers without blocks
 
   def blocks(self, case: Case):
     return self.block_sizes[CASES.index(case) % len(self.block_sizes)] if (
@@ -543,6 +542,8 @@ class SoftmaxSuite:
 
   @pytest.mark.parametrize("case", SWEEP_CASES, ids=str)
   def test_block_sizes(self, case, rng):
+    if not self.sweep_block_sizes:
+      pytest.skip(f"the {self.implementation} tier has no blocks")
     for blocks in self.sweep_block_sizes:
       self.check(case, rng, block_sizes=blocks)
 
@@ -597,7 +598,9 @@ class SoftmaxSuite:
         assert np.all(db[:, :, i][~allowed[:, :, i]] == 0)
 
   def test_jit_matches_eager(self, rng):
-    problem = CASE_BY_NAME["everything_T65"].problem(rng)
+    case = Case("eager", 33, 33, (is_causal, segment_ids(), sinks, soft_cap(4.0),
+                                  bias_array("1N1S")))
+    problem = case.problem(rng)
     blocks = self.block_sizes[0]
     out, grads = run(problem, self.implementation, blocks, jit=False)
     out_jit, grads_jit = run(problem, self.implementation, blocks, jit=True)
@@ -697,7 +700,8 @@ class TestXla(SoftmaxSuite):
   # Small blocks, none dividing 63, 65 or 257: many blocks, ragged last blocks.
   block_sizes = (ops.BlockSizes(block_q=16, block_k=32), ops.BlockSizes(block_q=32, block_k=16),
                  ops.BlockSizes(block_q=24, block_k=40))
-  sweep_block_sizes = block_sizes + (
+  # On top of the cycled sizes: tiny, odd, larger than the sequence, and the default.
+  sweep_block_sizes = (
       ops.BlockSizes(block_q=8, block_k=8), ops.BlockSizes(block_q=7, block_k=13),
       ops.BlockSizes(block_q=64, block_k=128), ops.BlockSizes(block_q=1, block_k=1),
       ops.BlockSizes())
