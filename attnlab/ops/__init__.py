@@ -4,8 +4,18 @@
 """
 
 from attnlab.ops import masks
+from attnlab.ops.linear_attention import (delta_rule, delta_rule_step, gated_delta_rule,
+                                          gated_delta_rule_step, gla, gla_step,
+                                          linear_attn, linear_attn_step, retention,
+                                          retention_gammas, retention_step, simple_gla,
+                                          simple_gla_step)
 from attnlab.ops.registry import implementations, mechanisms
 from attnlab.ops.softmax import dot_product_attention
 from attnlab.ops.softmax_xla import BlockSizes
 
-__all__ = ["BlockSizes", "dot_product_attention", "implementations", "masks", "mechanisms"]
+__all__ = [
+    "BlockSizes", "delta_rule", "delta_rule_step", "dot_product_attention",
+    "gated_delta_rule", "gated_delta_rule_step", "gla", "gla_step", "implementations",
+    "linear_attn", "linear_attn_step", "masks", "mechanisms", "retention",
+    "retention_gammas", "retention_step", "simple_gla", "simple_gla_step",
+]

@@ -1,0 +1,203 @@
+"""Linear attention, xla tier: the chunk-parallel form of the recurrence.
+
+The sequence is cut into chunks of ``C`` tokens. Inside a chunk everything is matrix
+products over ``[C, C]`` blocks; across chunks the state follows an affine recurrence
+``S_n = M_n S_{n-1} + D_n`` that ``lax.associative_scan`` solves in ``log N`` depth, so the
+time at a fixed number of tokens does not grow with the sequence length.
+
+Per chunk, with ``b_t`` the cumulative log decay inside the chunk (``b_t <= b_s`` for
+``s <= t``) and ``S_0`` the state entering it:
+
+* Linear attention / retention / simple GLA (GLA paper §4, Mamba-2 SSD):
+  ``o_t = scale (e^{b_t} q_t^T S_0 + sum_{s<=t} e^{b_t - b_s} (q_t . k_s) v_s)``.
+* GLA with a per-channel gate: the same with ``e^{b_tk - b_sk}`` inside the dot product,
+  computed in sub-chunks of 16: between sub-chunks each factor is taken relative to the
+  last position of the earlier sub-chunk (both factors <= 1), inside one sub-chunk lag by
+  lag (Yang et al. 2024, "Gated Linear Attention Transformers", §4.2 secondary chunking).
+* DeltaNet / Gated DeltaNet (Yang et al. 2024, "Parallelizing Linear Transformers with
+  the Delta Rule", §3; Gated DeltaNet §3.3): pseudo-values ``U = T (beta V) - W S_0`` with
+  ``T = (I + L)^{-1}``, ``L_ts = beta_t e^{b_t - b_s} k_t . k_s`` (s < t), the UT transform
+  solved as a unit lower-triangular system.
+
+Only ``exp`` of non-positive numbers is ever taken, so per-token gates down to -20 (and
+below) neither overflow nor lose the result. Packed documents are exact: pairs across a
+document boundary are masked, and the state entering a chunk reaches only the tokens of
+the document that was open at the chunk's start.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.scipy.linalg import solve_triangular
+
+_SUB_CHUNK = 16
+
+
+def _exp_nonpositive(x, valid):
+  """``exp(x)`` where ``valid`` (x <= 0 there), 0 elsewhere, with no overflow anywhere."""
+  return jnp.exp(jnp.where(jnp.broadcast_to(valid, x.shape), x, -jnp.inf))
+
+
+def _chunked(x, num_chunks, chunk):
+  """``[B, T, H, ...]`` -> ``[B, H, N, C, ...]``."""
+  x = x.reshape(x.shape[0], num_chunks, chunk, *x.shape[2:])
+  return jnp.moveaxis(x, 3, 1)
+
+
+def _documents(segment_ids, batch, length):
+  """Document index per position: the count of starts so far (``[B, T]`` int32)."""
+  if segment_ids is None:
+    return jnp.zeros((batch, length), jnp.int32)
+  starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return jnp.concatenate([jnp.zeros((batch, 1), jnp.int32),
+                          jnp.cumsum(starts, axis=1, dtype=jnp.int32)], axis=1)
+
+
+def _vector_gate_scores(q, k, b, allowed):
+  """``A_ts = sum_k q_tk k_sk e^{b_tk - b_sk}`` for allowed ``s <= t``; ``[..., C, C]``."""
+  chunk = q.shape[-2]
+  sub = min(_SUB_CHUNK, chunk)
+  num_sub = chunk // sub
+  pos = jnp.arange(chunk)
+  sub_of = pos // sub
+  # Between sub-chunks: reference point r_j = last position of sub-chunk j.
+  ref = b[..., sub - 1::sub, :]                                 # [..., J, K]
+  after = pos[None, :] > (jnp.arange(num_sub) * sub + sub - 1)[:, None]  # [J, C]
+  q_rel = q[..., None, :, :] * _exp_nonpositive(
+      b[..., None, :, :] - ref[..., :, None, :], after[..., None])       # [..., J, C, K]
+  k_rel = k * jnp.exp(jnp.repeat(ref, sub, axis=-2) - b)               # [..., C, K]
+  k_rel = k_rel.reshape(*k.shape[:-2], num_sub, sub, k.shape[-1])
+  between = jnp.einsum("...jtk,...jsk->...tjs", q_rel, k_rel).reshape(
+      *q.shape[:-2], chunk, chunk)
+  # Inside a sub-chunk: lag by lag, each an element-wise product over the chunk.
+  lags = []
+  for lag in range(sub):
+    valid = (pos % sub) >= lag
+    k_lag = jnp.roll(k, lag, axis=-2)
+    b_lag = jnp.roll(b, lag, axis=-2)
+    lags.append(jnp.sum(q * k_lag * _exp_nonpositive(b - b_lag, valid[:, None]), -1))
+  band = jnp.stack(lags, axis=-1)                                      # [..., C, sub]
+  lag_of = pos[:, None] - pos[None, :]
+  inside = (sub_of[:, None] == sub_of[None, :]) & (lag_of >= 0)
+  within = jnp.take_along_axis(
+      band, jnp.broadcast_to(jnp.clip(lag_of, 0, sub - 1), band.shape[:-2] + (chunk, chunk)),
+      axis=-1)
+  later = jnp.broadcast_to(sub_of[:, None] > sub_of[None, :], between.shape)
+  scores = jnp.where(jnp.broadcast_to(inside, within.shape), within,
+                     jnp.where(later, between, 0.0))
+  return jnp.where(allowed, scores, 0.0)
+
+
+def _combine(kind):
+  """Composition of affine maps ``S -> a S + d`` (earlier ``x``, later ``y``)."""
+  def combine(x, y):
+    a1, d1 = x
+    a2, d2 = y
+    if kind == "scalar":
+      return a1 * a2, a2[..., None, None] * d1 + d2
+    if kind == "vector":
+      return a1 * a2, a2[..., :, None] * d1 + d2
+    return a2 @ a1, a2 @ d1 + d2
+  return combine
+
+
+def linear_recurrence_chunked(q, k, v, g=None, beta=None, *, scale, initial_state=None,
+                              segment_ids=None, chunk_size=64):
+  """Chunk-parallel linear attention. Same arguments and result as the reference tier.
+
+  ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, ``g`` None / ``[B, T, H]`` /
+  ``[B, T, H, K]`` (log decay), ``beta`` None / ``[B, T, H]``. Returns
+  ``(o [B, T, H, V] float32, final_state [B, H, K, V] float32)``. Memory is linear in T:
+  per-chunk ``[C, C]`` blocks and one state per chunk.
+  """
+  f32 = jnp.float32
+  batch, length, heads, key_dim = q.shape
+  value_dim = v.shape[-1]
+  chunk = chunk_size
+  num = -(-length // chunk)
+  pad = num * chunk - length
+  vector_gate = g is not None and g.ndim == 4
+  if vector_gate and chunk % min(_SUB_CHUNK, chunk):
+    raise ValueError(f"chunk_size={chunk} must be a multiple of {_SUB_CHUNK} for gla")
+
+  def prep(x):
+    if x is None:
+      return None
+    x = x.astype(f32)
+    if pad:
+      x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return _chunked(x, num, chunk)
+
+  # Padded tail tokens have k = v = 0, g = 0 and beta = 0: they leave the state alone.
+  q, k, v, g, beta = (prep(x) for x in (q, k, v, g, beta))
+  docs = _documents(segment_ids, batch, length)
+  if pad:
+    docs = jnp.pad(docs, ((0, 0), (0, pad)), mode="edge")
+  docs = docs.reshape(batch, 1, num, chunk)                      # [B, 1, N, C]
+  doc_last = docs[..., -1]                                       # [B, 1, N]
+  doc_prev = jnp.concatenate([jnp.zeros_like(doc_last[..., :1]), doc_last[..., :-1]], -1)
+  first = docs == doc_prev[..., None]   # tokens that see the state entering the chunk
+  last = docs == doc_last[..., None]    # tokens that reach the state leaving it
+  keep = doc_last == doc_prev           # no document starts inside the chunk
+  pos = jnp.arange(chunk)
+  causal = pos[:, None] >= pos[None, :]
+  allowed = causal[None, None, None] & (docs[..., :, None] == docs[..., None, :])  # [B,1,N,C,C]
+
+  state0 = (jnp.zeros((batch, heads, key_dim, value_dim), f32) if initial_state is None
+            else initial_state.astype(f32))
+  hi = lax.Precision.HIGHEST
+
+  if vector_gate:
+    b = jnp.cumsum(g, axis=-2)                                   # [B, H, N, C, K]
+    b_last = b[..., -1:, :]
+    scores = _vector_gate_scores(q, k, b, allowed)
+    q_in = q * jnp.exp(b) * first[..., None]
+    k_out = k * jnp.exp(b_last - b) * last[..., None]
+    decay = jnp.where(keep[..., None], jnp.exp(b_last[..., 0, :]), 0.0)  # [B, H, N, K]
+    kind = "vector"
+  else:
+    b = jnp.zeros(q.shape[:-1], f32) if g is None else jnp.cumsum(g, axis=-1)  # [B,H,N,C]
+    b_last = b[..., -1:]
+    pair_decay = _exp_nonpositive(b[..., :, None] - b[..., None, :], allowed)
+    scores = jnp.einsum("...tk,...sk->...ts", q, k, precision=hi) * pair_decay
+    q_in = q * (jnp.exp(b) * first)[..., None]
+    k_out = k * (jnp.exp(b_last - b) * last)[..., None]
+    decay = jnp.where(keep, jnp.exp(b_last[..., 0]), 0.0)       # [B, H, N]
+    kind = "scalar"
+
+  if beta is None:
+    values, state_gain = v, None
+    offsets = jnp.einsum("...sk,...sv->...kv", k_out, v, precision=hi)
+    transitions = decay
+  else:
+    strict = pos[:, None] > pos[None, :]
+    gram = jnp.einsum("...tk,...sk->...ts", k, k, precision=hi)
+    lower = jnp.where(jnp.broadcast_to(strict, gram.shape),
+                      beta[..., :, None] * gram * pair_decay, 0.0)
+    rhs = jnp.concatenate(
+        [beta[..., None] * v, (beta * jnp.exp(b) * first)[..., None] * k], axis=-1)
+    eye = jnp.eye(chunk, dtype=f32)[None, None, None]
+    solved = solve_triangular(eye + lower, rhs, lower=True, unit_diagonal=True)
+    values, state_gain = solved[..., :value_dim], solved[..., value_dim:]  # U~, W
+    offsets = jnp.einsum("...sk,...sv->...kv", k_out, values, precision=hi)
+    transitions = (decay[..., None, None] * jnp.eye(key_dim, dtype=f32)[None, None, None]
+                   - jnp.einsum("...sk,...sj->...kj", k_out, state_gain, precision=hi))
+    kind = "matrix"
+
+  cum_a, cum_d = lax.associative_scan(_combine(kind), (transitions, offsets), axis=2)
+  if kind == "scalar":
+    states = cum_a[..., None, None] * state0[:, :, None] + cum_d
+  elif kind == "vector":
+    states = cum_a[..., :, None] * state0[:, :, None] + cum_d
+  else:
+    states = jnp.einsum("bhnkj,bhjv->bhnkv", cum_a, state0, precision=hi) + cum_d
+  entering = jnp.concatenate([state0[:, :, None], states[:, :, :-1]], axis=2)
+
+  if state_gain is not None:
+    values = values - jnp.einsum("...tk,...kv->...tv", state_gain, entering, precision=hi)
+  out = (jnp.einsum("...ts,...sv->...tv", scores, values, precision=hi)
+         + jnp.einsum("...tk,...kv->...tv", q_in, entering, precision=hi))
+  out = scale * jnp.moveaxis(out, 1, 3).reshape(batch, num * chunk, heads, value_dim)
+  return out[:, :length], states[:, :, -1]
