@@ -21,7 +21,7 @@ Any field can be overridden on the command line, e.g.
 
 import ml_collections
 
-VARIANTS = ("standard", "gqa", "d64", "smoke")
+VARIANTS = ("standard", "gqa", "d64", "smoke", "linear", "linear_smoke")
 
 
 def get_config(arg=None):
@@ -32,6 +32,7 @@ def get_config(arg=None):
 
   config = ml_collections.ConfigDict()
   config.variant = variant
+  config.family = "softmax"  # "softmax" or "linear" (the chunked linear-attention ops)
   config.seed = 0
   config.dtype = "bfloat16"
   config.tokens = 16384  # B * T, fixed across T
@@ -60,6 +61,26 @@ def get_config(arg=None):
   # reported, not timed, and makes the run exit non-zero.
   config.tolerance = ml_collections.ConfigDict(
       {"float32": 2e-3, "bfloat16": 2e-2, "float16": 5e-3})
+
+  if variant.startswith("linear"):
+    config.family = "linear"
+    config.linear_ops = ("simple_gla", "gla", "delta_rule", "gated_delta_rule")
+    config.implementations = ("xla",)
+    config.chunk_size = 64
+    config.copy_bandwidth = 2.97e12  # bytes/s, the H100 device copy of BENCHMARKS.md
+    config.causal = ()
+    config.peers = ()
+  if variant == "linear_smoke":
+    config.dtype = "float32"
+    config.tokens = 512
+    config.seq_lens = (128, 256)
+    config.num_heads = 2
+    config.num_kv_heads = 2
+    config.head_dim = 32
+    config.chunk_size = 32
+    config.warmup = 1
+    config.iters = 2
+    config.reps = 3
 
   if variant == "gqa":
     config.num_heads = 32

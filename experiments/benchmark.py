@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 import attnlab.ops
+from experiments import linear_bench
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Benchmark config file, e.g. configs/benchmark.py:smoke.",
@@ -292,8 +293,13 @@ def main(argv):
         print(line, file=stream, flush=True)
 
     emit({**environment(), "variant": config.variant})
-    rows = run(config, emit)
-  print(markdown_table(rows))
+    if config.family == "linear":
+      rows = linear_bench.run_linear(config, emit, time_call=time_call,
+                                     temp_bytes=temp_bytes, error_message=_error_message)
+    else:
+      rows = run(config, emit)
+  table = linear_bench.markdown_table if config.family == "linear" else markdown_table
+  print(table(rows))
   return 1 if any(row["status"] == "mismatch" for row in rows) else 0
 
 

@@ -90,6 +90,35 @@ def _vector_gate_scores(q, k, b, allowed):
   return jnp.where(allowed, scores, 0.0)
 
 
+def _matmul(spec, a, b, dtype):
+  """A chunk-sized product with operands in the input dtype, accumulated in float32."""
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _chunk_states(kind, transitions, offsets, state0):
+  """States after each chunk, ``[B, H, N, K, V]``, for ``S_n = M_n S_{n-1} + D_n``.
+
+  Scalar and per-channel decays compose element-wise, so an associative scan solves
+  them in ``log N`` depth. Delta-rule transitions are ``[K, K]`` matrices: composing two
+  costs a ``K^3`` product, so a sequential scan (one ``[K, K] x [K, V]`` product per
+  chunk) does less work and keeps one state per chunk for the backward pass.
+  """
+  if kind != "matrix":
+    cum_a, cum_d = lax.associative_scan(_combine(kind), (transitions, offsets), axis=2)
+    gain = cum_a[..., None, None] if kind == "scalar" else cum_a[..., :, None]
+    return gain * state0[:, :, None] + cum_d
+
+  def step(state, xs):
+    m, d = xs
+    state = jnp.einsum("bhkj,bhjv->bhkv", m, state) + d
+    return state, state
+
+  _, states = lax.scan(step, state0, (jnp.moveaxis(transitions, 2, 0),
+                                      jnp.moveaxis(offsets, 2, 0)))
+  return jnp.moveaxis(states, 0, 2)
+
+
 def _combine(kind):
   """Composition of affine maps ``S -> a S + d`` (earlier ``x``, later ``y``)."""
   def combine(x, y):
@@ -122,16 +151,19 @@ def linear_recurrence_chunked(q, k, v, g=None, beta=None, *, scale, initial_stat
   if vector_gate and chunk % min(_SUB_CHUNK, chunk):
     raise ValueError(f"chunk_size={chunk} must be a multiple of {_SUB_CHUNK} for gla")
 
-  def prep(x):
+  io = q.dtype  # matrix-unit operand dtype; every sum and state is float32
+
+  def prep(x, dtype):
     if x is None:
       return None
-    x = x.astype(f32)
+    x = x.astype(dtype)
     if pad:
       x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return _chunked(x, num, chunk)
 
   # Padded tail tokens have k = v = 0, g = 0 and beta = 0: they leave the state alone.
-  q, k, v, g, beta = (prep(x) for x in (q, k, v, g, beta))
+  q, k, v = (prep(x, io) for x in (q, k, v))
+  g, beta = (prep(x, f32) for x in (g, beta))
   docs = _documents(segment_ids, batch, length)
   if pad:
     docs = jnp.pad(docs, ((0, 0), (0, pad)), mode="edge")
@@ -147,12 +179,11 @@ def linear_recurrence_chunked(q, k, v, g=None, beta=None, *, scale, initial_stat
 
   state0 = (jnp.zeros((batch, heads, key_dim, value_dim), f32) if initial_state is None
             else initial_state.astype(f32))
-  hi = lax.Precision.HIGHEST
 
   if vector_gate:
     b = jnp.cumsum(g, axis=-2)                                   # [B, H, N, C, K]
     b_last = b[..., -1:, :]
-    scores = _vector_gate_scores(q, k, b, allowed)
+    scores = _vector_gate_scores(q.astype(f32), k.astype(f32), b, allowed)
     q_in = q * jnp.exp(b) * first[..., None]
     k_out = k * jnp.exp(b_last - b) * last[..., None]
     decay = jnp.where(keep[..., None], jnp.exp(b_last[..., 0, :]), 0.0)  # [B, H, N, K]
@@ -161,7 +192,7 @@ def linear_recurrence_chunked(q, k, v, g=None, beta=None, *, scale, initial_stat
     b = jnp.zeros(q.shape[:-1], f32) if g is None else jnp.cumsum(g, axis=-1)  # [B,H,N,C]
     b_last = b[..., -1:]
     pair_decay = _exp_nonpositive(b[..., :, None] - b[..., None, :], allowed)
-    scores = jnp.einsum("...tk,...sk->...ts", q, k, precision=hi) * pair_decay
+    scores = _matmul("...tk,...sk->...ts", q, k, io) * pair_decay
     q_in = q * (jnp.exp(b) * first)[..., None]
     k_out = k * (jnp.exp(b_last - b) * last)[..., None]
     decay = jnp.where(keep, jnp.exp(b_last[..., 0]), 0.0)       # [B, H, N]
@@ -169,11 +200,11 @@ def linear_recurrence_chunked(q, k, v, g=None, beta=None, *, scale, initial_stat
 
   if beta is None:
     values, state_gain = v, None
-    offsets = jnp.einsum("...sk,...sv->...kv", k_out, v, precision=hi)
+    offsets = _matmul("...sk,...sv->...kv", k_out, v, io)
     transitions = decay
   else:
     strict = pos[:, None] > pos[None, :]
-    gram = jnp.einsum("...tk,...sk->...ts", k, k, precision=hi)
+    gram = _matmul("...tk,...sk->...ts", k, k, io)
     lower = jnp.where(jnp.broadcast_to(strict, gram.shape),
                       beta[..., :, None] * gram * pair_decay, 0.0)
     rhs = jnp.concatenate(
@@ -181,23 +212,17 @@ def linear_recurrence_chunked(q, k, v, g=None, beta=None, *, scale, initial_stat
     eye = jnp.eye(chunk, dtype=f32)[None, None, None]
     solved = solve_triangular(eye + lower, rhs, lower=True, unit_diagonal=True)
     values, state_gain = solved[..., :value_dim], solved[..., value_dim:]  # U~, W
-    offsets = jnp.einsum("...sk,...sv->...kv", k_out, values, precision=hi)
+    offsets = _matmul("...sk,...sv->...kv", k_out, values, io)
     transitions = (decay[..., None, None] * jnp.eye(key_dim, dtype=f32)[None, None, None]
-                   - jnp.einsum("...sk,...sj->...kj", k_out, state_gain, precision=hi))
+                   - jnp.einsum("...sk,...sj->...kj", k_out, state_gain))
     kind = "matrix"
 
-  cum_a, cum_d = lax.associative_scan(_combine(kind), (transitions, offsets), axis=2)
-  if kind == "scalar":
-    states = cum_a[..., None, None] * state0[:, :, None] + cum_d
-  elif kind == "vector":
-    states = cum_a[..., :, None] * state0[:, :, None] + cum_d
-  else:
-    states = jnp.einsum("bhnkj,bhjv->bhnkv", cum_a, state0, precision=hi) + cum_d
+  states = _chunk_states(kind, transitions, offsets, state0)
   entering = jnp.concatenate([state0[:, :, None], states[:, :, :-1]], axis=2)
 
   if state_gain is not None:
-    values = values - jnp.einsum("...tk,...kv->...tv", state_gain, entering, precision=hi)
-  out = (jnp.einsum("...ts,...sv->...tv", scores, values, precision=hi)
-         + jnp.einsum("...tk,...kv->...tv", q_in, entering, precision=hi))
+    values = values - jnp.einsum("...tk,...kv->...tv", state_gain, entering)
+  out = (_matmul("...ts,...sv->...tv", scores, values, io)
+         + jnp.einsum("...tk,...kv->...tv", q_in, entering))
   out = scale * jnp.moveaxis(out, 1, 3).reshape(batch, num * chunk, heads, value_dim)
   return out[:, :length], states[:, :, -1]

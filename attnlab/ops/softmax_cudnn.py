@@ -1,9 +1,9 @@
 """Softmax attention, cudnn tier: ``jax.nn.dot_product_attention(implementation="cudnn")``.
 
 GPU only. It joins automatic dispatch for the calls its GPU tests cover
-(``tests/ops/test_softmax_cudnn.py``, run on the H100): float16 / bfloat16, head dim a
-multiple of 8 up to 128, causal or no mask, optional right padding; no sinks, soft cap,
-score mods or other masks.
+(``tests/ops/test_softmax_cudnn.py``, run on the H100): float16 / bfloat16, lengths that
+are multiples of 64, head dim a multiple of 8 up to 128, causal or no mask, optional
+right padding; no sinks, soft cap, score mods or other masks.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ def cudnn_supports(call) -> str | None:
     return f"cuDNN runs on GPU only, the backend is {registry.current_backend()!r}"
   if call.query.dtype not in (jnp.bfloat16, jnp.float16):
     return f"cuDNN attention needs float16 or bfloat16 inputs, got {call.query.dtype}"
+  q_len, kv_len = call.query.shape[1], call.key.shape[1]
+  if q_len % 64 or kv_len % 64:
+    return (f"the cuDNN path is tested for lengths that are multiples of 64, got "
+            f"T={q_len}, S={kv_len} (jax's cuDNN call rejects odd lengths in training)")
   head_dim = call.query.shape[-1]
   if head_dim % 8 or head_dim > 128:
     return f"head dim {head_dim} is not a multiple of 8 up to 128"
