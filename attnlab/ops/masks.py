@@ -396,18 +396,19 @@ def _align(a, b):
           b.reshape((1,) * (rank - b.ndim) + b.shape))
 
 
-def _combine(a, b, op):
-  if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-    return op(a, b)
-  return op(jnp.asarray(a), jnp.asarray(b)).astype(jnp.int8)
-
-
-@_data_dataclass(data=("a", "b"))
-class And(Mask):
-  """Both masks allow the pair. Summary: the smaller code (EMPTY < PARTIAL < FULL)."""
+class _Composite(Mask):
+  """Two masks joined element-wise; subclasses name the element and summary rules."""
 
   a: Mask
   b: Mask
+
+  @staticmethod
+  def _join(a, b):
+    raise NotImplementedError
+
+  @staticmethod
+  def _join_codes(a, b):
+    raise NotImplementedError
 
   @property
   def is_static(self):
@@ -418,14 +419,31 @@ class And(Mask):
     self.b.check(*shape)
 
   def __hash__(self):
-    return hash((And, self.a, self.b))
+    return hash((type(self), self.a, self.b))
 
   def __eq__(self, other):
-    return isinstance(other, And) and (self.a, self.b) == (other.a, other.b)
+    return type(other) is type(self) and (self.a, self.b) == (other.a, other.b)
 
   def predicate(self, q_idx, kv_idx):
-    a, b = _align(self.a.predicate(q_idx, kv_idx), self.b.predicate(q_idx, kv_idx))
-    return a & b
+    return self._join(*_align(self.a.predicate(q_idx, kv_idx),
+                              self.b.predicate(q_idx, kv_idx)))
+
+  def block_summary(self, q_len, kv_len, block_q, block_k):
+    if self.is_static:
+      return _static_summary(self, q_len, kv_len, block_q, block_k)
+    sa = self.a.block_summary(q_len, kv_len, block_q, block_k)
+    sb = self.b.block_summary(q_len, kv_len, block_q, block_k)
+    return self._join_codes(jnp.asarray(sa), jnp.asarray(sb)).astype(jnp.int8)
+
+
+@_data_dataclass(data=("a", "b"))
+class And(_Composite):
+  """Both masks allow the pair. Summary: the smaller code (EMPTY < PARTIAL < FULL)."""
+
+  a: Mask
+  b: Mask
+  _join = staticmethod(lambda a, b: a & b)
+  _join_codes = staticmethod(jnp.minimum)
 
   def row_bounds(self, q_idx):
     fa, fb = getattr(self.a, "row_bounds", None), getattr(self.b, "row_bounds", None)
@@ -434,47 +452,15 @@ class And(Mask):
     (la, ha), (lb, hb) = fa(q_idx), fb(q_idx)
     return np.maximum(la, lb), np.minimum(ha, hb)
 
-  def block_summary(self, q_len, kv_len, block_q, block_k):
-    if self.is_static:
-      return _static_summary(self, q_len, kv_len, block_q, block_k)
-    sa = self.a.block_summary(q_len, kv_len, block_q, block_k)
-    sb = self.b.block_summary(q_len, kv_len, block_q, block_k)
-    return _combine(sa, sb, np.minimum if isinstance(sa, np.ndarray) and isinstance(
-        sb, np.ndarray) else jnp.minimum)
-
 
 @_data_dataclass(data=("a", "b"))
-class Or(Mask):
+class Or(_Composite):
   """Either mask allows the pair. Summary: the larger code."""
 
   a: Mask
   b: Mask
-
-  @property
-  def is_static(self):
-    return self.a.is_static and self.b.is_static
-
-  def check(self, *shape):
-    self.a.check(*shape)
-    self.b.check(*shape)
-
-  def __hash__(self):
-    return hash((Or, self.a, self.b))
-
-  def __eq__(self, other):
-    return isinstance(other, Or) and (self.a, self.b) == (other.a, other.b)
-
-  def predicate(self, q_idx, kv_idx):
-    a, b = _align(self.a.predicate(q_idx, kv_idx), self.b.predicate(q_idx, kv_idx))
-    return a | b
-
-  def block_summary(self, q_len, kv_len, block_q, block_k):
-    if self.is_static:
-      return _static_summary(self, q_len, kv_len, block_q, block_k)
-    sa = self.a.block_summary(q_len, kv_len, block_q, block_k)
-    sb = self.b.block_summary(q_len, kv_len, block_q, block_k)
-    return _combine(sa, sb, np.maximum if isinstance(sa, np.ndarray) and isinstance(
-        sb, np.ndarray) else jnp.maximum)
+  _join = staticmethod(lambda a, b: a | b)
+  _join_codes = staticmethod(jnp.maximum)
 
 
 def combine_masks(*masks: Mask | None) -> Mask | None:
