@@ -55,6 +55,22 @@ def _documents(segment_ids, batch, length):
                           jnp.cumsum(starts, axis=1, dtype=jnp.int32)], axis=1)
 
 
+def _segment_sum(g):
+  """``out[..., t, s] = sum_{s < u <= t} g_u`` over the last axis (0 on and above the
+  diagonal's upper side is irrelevant: callers mask ``s > t``)."""
+  chunk = g.shape[-1]
+  pos = jnp.arange(chunk)
+  later = jnp.broadcast_to(pos[:, None] > pos[None, :], g.shape + (chunk,))
+  spread = jnp.where(later, jnp.broadcast_to(g[..., :, None], later.shape), 0.0)  # [u, s]
+  return jnp.cumsum(spread, axis=-2)
+
+
+def _suffix_sum(g):
+  """``out[..., t] = sum_{u > t} g_u`` over the last axis, without subtraction."""
+  inclusive = jnp.flip(jnp.cumsum(jnp.flip(g, -1), axis=-1), -1)
+  return jnp.concatenate([inclusive[..., 1:], jnp.zeros_like(inclusive[..., :1])], axis=-1)
+
+
 def _vector_gate_scores(q, k, b, allowed):
   """``A_ts = sum_k q_tk k_sk e^{b_tk - b_sk}`` for allowed ``s <= t``; ``[..., C, C]``."""
   chunk = q.shape[-2]
@@ -189,12 +205,17 @@ def linear_recurrence_chunked(q, k, v, g=None, beta=None, *, scale, initial_stat
     decay = jnp.where(keep[..., None], jnp.exp(b_last[..., 0, :]), 0.0)  # [B, H, N, K]
     kind = "vector"
   else:
-    b = jnp.zeros(q.shape[:-1], f32) if g is None else jnp.cumsum(g, axis=-1)  # [B,H,N,C]
+    g = jnp.zeros(q.shape[:-1], f32) if g is None else g        # [B, H, N, C]
+    b = jnp.cumsum(g, axis=-1)
     b_last = b[..., -1:]
-    pair_decay = _exp_nonpositive(b[..., :, None] - b[..., None, :], allowed)
+    # Log decays as sums of gates over (s, t] and (t, C), never as differences of
+    # cumulative sums: with g <= 0 every sum is free of cancellation, which keeps the
+    # gate gradients accurate under strong gates (Mamba-2's segment sum).
+    pair_decay = _exp_nonpositive(_segment_sum(g), allowed)
+    after = _suffix_sum(g)
     scores = _matmul("...tk,...sk->...ts", q, k, io) * pair_decay
     q_in = q * (jnp.exp(b) * first)[..., None]
-    k_out = k * (jnp.exp(b_last - b) * last)[..., None]
+    k_out = k * (jnp.exp(after) * last)[..., None]
     decay = jnp.where(keep, jnp.exp(b_last[..., 0]), 0.0)       # [B, H, N]
     kind = "scalar"
 
