@@ -65,35 +65,52 @@ def _segment_sum(g):
   return jnp.cumsum(spread, axis=-2)
 
 
-def _suffix_sum(g):
-  """``out[..., t] = sum_{u > t} g_u`` over the last axis, without subtraction."""
-  inclusive = jnp.flip(jnp.cumsum(jnp.flip(g, -1), axis=-1), -1)
-  return jnp.concatenate([inclusive[..., 1:], jnp.zeros_like(inclusive[..., :1])], axis=-1)
+def _suffix_sum(g, axis=-1):
+  """``out[t] = sum_{u > t} g_u`` along ``axis``, without subtraction."""
+  inclusive = jnp.flip(jnp.cumsum(jnp.flip(g, axis), axis=axis), axis)
+  head = lax.slice_in_dim(inclusive, 1, None, axis=axis)
+  return jnp.concatenate([head, jnp.zeros_like(lax.slice_in_dim(inclusive, 0, 1, axis=axis))],
+                         axis=axis)
 
 
-def _vector_gate_scores(q, k, b, allowed):
-  """``A_ts = sum_k q_tk k_sk e^{b_tk - b_sk}`` for allowed ``s <= t``; ``[..., C, C]``."""
-  chunk = q.shape[-2]
+def _vector_gate_scores(q, k, g, allowed):
+  """``A_ts = sum_k q_tk k_sk exp(sum_{s<u<=t} g_uk)`` for allowed ``s <= t``; ``[..., C, C]``.
+
+  Between sub-chunks each factor is taken relative to ``r_j``, the last position of the
+  earlier sub-chunk ``j``: ``q_t exp(sum_{r_j<u<=t} g)`` and ``k_s exp(sum_{s<u<=r_j} g)``,
+  both <= 1. Inside a sub-chunk, lag by lag. Every exponent is a sum of gates, never a
+  difference of cumulative sums.
+  """
+  chunk, key_dim = q.shape[-2], q.shape[-1]
+  lead = q.shape[:-2]
   sub = min(_SUB_CHUNK, chunk)
   num_sub = chunk // sub
   pos = jnp.arange(chunk)
   sub_of = pos // sub
-  # Between sub-chunks: reference point r_j = last position of sub-chunk j.
-  ref = b[..., sub - 1::sub, :]                                 # [..., J, K]
-  after = pos[None, :] > (jnp.arange(num_sub) * sub + sub - 1)[:, None]  # [J, C]
-  q_rel = q[..., None, :, :] * _exp_nonpositive(
-      b[..., None, :, :] - ref[..., :, None, :], after[..., None])       # [..., J, C, K]
-  k_rel = k * jnp.exp(jnp.repeat(ref, sub, axis=-2) - b)               # [..., C, K]
-  k_rel = k_rel.reshape(*k.shape[:-2], num_sub, sub, k.shape[-1])
-  between = jnp.einsum("...jtk,...jsk->...tjs", q_rel, k_rel).reshape(
-      *q.shape[:-2], chunk, chunk)
+  g_sub = g.reshape(*lead, num_sub, sub, key_dim)
+  prefix = jnp.cumsum(g_sub, axis=-2).reshape(*lead, chunk, key_dim)   # from i's start to t
+  to_ref = _suffix_sum(g_sub, axis=-2).reshape(*lead, chunk, key_dim)  # (s, r_j]
+  # gap[i, j] = total gate of the sub-chunks strictly between j and i.
+  sub_idx = jnp.arange(num_sub)
+  past = jnp.broadcast_to((sub_idx[:, None] > sub_idx[None, :])[..., None],
+                          lead + (num_sub, num_sub, key_dim))
+  totals = jnp.broadcast_to(g_sub.sum(-2)[..., :, None, :], past.shape)
+  through = jnp.cumsum(jnp.where(past, totals, 0.0), axis=-3)        # j < m <= i
+  gap = jnp.concatenate([jnp.zeros_like(through[..., :1, :, :]), through[..., :-1, :, :]],
+                        axis=-3)                                      # j < m < i
+  log_q = prefix[..., :, None, :] + jnp.take(gap, sub_of, axis=-3)    # [..., C, J, K]
+  later_sub = (sub_of[:, None] > sub_idx[None, :])[..., None]         # [C, J, 1]
+  q_rel = q[..., :, None, :] * _exp_nonpositive(log_q, later_sub)
+  k_rel = (k * jnp.exp(to_ref)).reshape(*lead, num_sub, sub, key_dim)
+  between = jnp.einsum("...tjk,...jsk->...tjs", q_rel, k_rel).reshape(*lead, chunk, chunk)
   # Inside a sub-chunk: lag by lag, each an element-wise product over the chunk.
-  lags = []
+  lags, window = [], jnp.zeros_like(g)   # window = sum_{t-lag < u <= t} g_u
   for lag in range(sub):
-    valid = (pos % sub) >= lag
+    if lag:
+      window = window + jnp.roll(g, lag - 1, axis=-2)
+    valid = ((pos % sub) >= lag)[:, None]
     k_lag = jnp.roll(k, lag, axis=-2)
-    b_lag = jnp.roll(b, lag, axis=-2)
-    lags.append(jnp.sum(q * k_lag * _exp_nonpositive(b - b_lag, valid[:, None]), -1))
+    lags.append(jnp.sum(q * k_lag * _exp_nonpositive(window, valid), -1))
   band = jnp.stack(lags, axis=-1)                                      # [..., C, sub]
   lag_of = pos[:, None] - pos[None, :]
   inside = (sub_of[:, None] == sub_of[None, :]) & (lag_of >= 0)
@@ -199,9 +216,9 @@ def linear_recurrence_chunked(q, k, v, g=None, beta=None, *, scale, initial_stat
   if vector_gate:
     b = jnp.cumsum(g, axis=-2)                                   # [B, H, N, C, K]
     b_last = b[..., -1:, :]
-    scores = _vector_gate_scores(q.astype(f32), k.astype(f32), b, allowed)
+    scores = _vector_gate_scores(q.astype(f32), k.astype(f32), g, allowed)
     q_in = q * jnp.exp(b) * first[..., None]
-    k_out = k * jnp.exp(b_last - b) * last[..., None]
+    k_out = k * jnp.exp(_suffix_sum(g, axis=-2)) * last[..., None]
     decay = jnp.where(keep[..., None], jnp.exp(b_last[..., 0, :]), 0.0)  # [B, H, N, K]
     kind = "vector"
   else:

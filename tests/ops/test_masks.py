@@ -218,18 +218,23 @@ DYNAMIC_LENGTHS = ((1, 1), (63, 65), (65, 63), (33, 257))
 def test_dynamic_mask(name, build, rng):
   """``dense`` and ``predicate`` equal the formula; in ``block_summary`` (computed under
   jit), EMPTY means no allowed pair in any batch row and FULL means every pair allowed."""
-  for t, s in DYNAMIC_LENGTHS:
-    mask, expected = build(rng, 2, t, s)
-    rows = np.arange(min(5, t - 1), min(21, t))
-    cols = np.arange(min(3, s - 1), min(40, s))
+  built = [build(rng, 2, t, s) for t, s in DYNAMIC_LENGTHS]
+  windows = [(np.arange(min(5, t - 1), min(21, t)), np.arange(min(3, s - 1), min(40, s)))
+             for t, s in DYNAMIC_LENGTHS]
 
-    @jax.jit
-    def views(m):
+  @jax.jit
+  def views(mask_list):  # one compilation for every length
+    out = []
+    for m, (t, s), (rows, cols) in zip(mask_list, DYNAMIC_LENGTHS, windows):
       block = m.predicate(jnp.asarray(rows[:, None], jnp.int32),
                           jnp.asarray(cols[None, :], jnp.int32))
-      return m.dense(t, s), block, [m.block_summary(t, s, bq, bk) for bq, bk in BLOCKS]
+      out.append((m.dense(t, s), block,
+                  [m.block_summary(t, s, bq, bk) for bq, bk in BLOCKS]))
+    return out
 
-    dense, block, summaries = jax.tree.map(np.asarray, views(mask))
+  results = jax.tree.map(np.asarray, views([m for m, _ in built]))
+  for (t, s), (_, expected), (rows, cols), (dense, block, summaries) in zip(
+      DYNAMIC_LENGTHS, built, windows, results):
     assert dense.dtype == bool and dense.ndim == 4, (name, dense.shape)
     full_shape = np.broadcast_shapes(dense.shape, expected.shape, (2, 3, t, s))
     expected = np.broadcast_to(expected, full_shape)

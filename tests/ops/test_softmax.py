@@ -322,19 +322,12 @@ def _array_and_causal(p):
                                                                                p.kv_len)
 
 
-def _docs_and_causal(p):
-  ids = packed_ids(p.rng, p.batch, p.q_len)
-  obj = masks.Documents(jnp.asarray(ids), jnp.asarray(ids)) & masks.Causal()
-  return obj, oracle.documents(ids, ids) & oracle.causal(p.q_len, p.kv_len)
-
-
-O = oracle
+O = oracle  # short, for the formulas in the table
 CASES = [
     # no mask; odd lengths; S != T; MHA / GQA / MQA
     Case("plain_T63_mha", 63, 63, num_heads=2, num_kv=2),
     Case("plain_T1", 1, 1),
     Case("plain_T7_S65", 7, 65, num_kv=1),
-    Case("plain_T65_S7", 65, 7),
     Case("plain_T257_mqa_H32", 257, 257, batch=1, num_kv=1, head_dim=32),
     # causal, top-left aligned when S != T
     Case("causal_T65", 65, 65, (is_causal,)),
@@ -378,25 +371,21 @@ CASES = [
     Case("segment_ids_causal_T257", 257, 257, (is_causal, segment_ids()), batch=2,
          num_heads=2, num_kv=1),
     Case("documents_obj_T63", 63, 63, (documents_mask,)),
-    Case("documents_obj_T33_S65", 33, 65, (documents_mask,)),
     Case("seq_lengths_T65", 65, 65, (seq_lengths(),)),
     Case("seq_lengths_zero_T63_S65", 63, 65, (seq_lengths(zero=True),), batch=3),
     Case("padding_obj_kv_T63_S65", 63, 65, (padding_mask(),)),
     Case("padding_obj_both_T65", 65, 65, (padding_mask(query=True), is_causal)),
     Case("bool_mask_BNTS_T63", 63, 63, (bool_mask("BNTS"),)),
     Case("bool_mask_B11S_T65_S33", 65, 33, (bool_mask("B11S"),)),
-    Case("bool_mask_11TS_T33", 33, 33, (bool_mask("11TS"),), num_kv=1),
     # additive terms
     Case("bias_BNTS_T63", 63, 63, (bias_array("BNTS"),)),
     Case("bias_1N1S_T65_S33", 65, 33, (bias_array("1N1S"),)),
     Case("bias_B1TS_causal_T65", 65, 65, (bias_array("B1TS"), is_causal)),
-    Case("bias_111S_T63", 63, 63, (bias_array("111S"),), num_kv=1),
     Case("alibi_causal_T65", 65, 65, (alibi, is_causal)),
     Case("alibi_T33_S65", 33, 65, (alibi,), num_kv=1),
     Case("relative_bias_8_T63_S65", 63, 65, (relative_bias(8),)),
     Case("soft_cap_T65", 65, 65, (soft_cap(5.0), scale(1.0))),
     Case("sinks_causal_T63", 63, 63, (sinks, is_causal)),
-    Case("sinks_T7_S65", 7, 65, (sinks,), num_kv=1),
     Case("scale_0.3_T65", 65, 65, (scale(0.3),)),
     Case("large_logits_causal_T65", 65, 65, (scale(8.0), is_causal)),
     # compositions
@@ -410,13 +399,9 @@ CASES = [
          (mask(masks.Causal() & (masks.LocalWindow(8, 0) | masks.GlobalLocal(2, 0)),
                lambda t, s: O.causal(t, s) & (O.local_window(t, s, 8, 0)
                                               | O.global_local(t, s, 2, 0))),)),
-    Case("or_chunked_strided_T65", 65, 65,
-         (mask(masks.ChunkedCausal(16) | masks.StridedSparse(16),
-               lambda t, s: O.chunked_causal(t, s, 16) | O.strided_sparse(t, s, 16)),)),
     Case("or_docs_causal_T65", 65, 65, (dynamic_mask(_docs_or_causal),)),
     Case("or_array_causal_T63", 63, 63, (dynamic_mask(_array_or_causal),)),
     Case("and_array_causal_T65", 65, 65, (dynamic_mask(_array_and_causal),)),
-    Case("and_docs_causal_obj_T63", 63, 63, (dynamic_mask(_docs_and_causal),)),
     Case("and_obj_with_kwargs_T65", 65, 65,
          (mask(masks.ChunkedCausal(32), lambda t, s: O.chunked_causal(t, s, 32)),
           window((5, 0)), seq_lengths(query=False))),
@@ -440,18 +425,16 @@ def cases(*names):
   return [CASE_BY_NAME[n] for n in names]
 
 
-BF16_CASES = cases("plain_T63_mha", "plain_T257_mqa_H32", "causal_T33_S65",
-                   "sliding_window_T257", "seq_lengths_zero_T63_S65", "bias_1N1S_T65_S33",
-                   "alibi_causal_T65", "everything_T65", "everything_mqa_T63_S65")
+BF16_CASES = cases("plain_T257_mqa_H32", "sliding_window_T257", "seq_lengths_zero_T63_S65",
+                   "bias_1N1S_T65_S33", "alibi_causal_T65", "everything_T65",
+                   "everything_mqa_T63_S65")
 SWEEP_CASES = cases("sliding_window_T257", "everything_T65", "or_docs_causal_T65")
 # Cases whose masks the gradient-support check walks (T <= 65 keeps it cheap).
-SUPPORT_CASES = cases("causal_T65", "causal_T33_S65", "window_9_3_T63_S65",
-                      "chunked_causal_10_T63", "prefix_lm_10_T65", "strided_sparse_8_T65",
-                      "fixed_sparse_8_2_T63", "global_local_3_4_T65", "power_of_two_1_T63",
-                      "segment_ids_pair_T33_S65", "seq_lengths_zero_T63_S65",
-                      "bias_BNTS_T63", "and_or_nested_T65", "everything_T65")
+SUPPORT_CASES = cases("causal_T33_S65", "window_9_3_T63_S65", "chunked_causal_10_T63",
+                      "strided_sparse_8_T65", "power_of_two_1_T63", "segment_ids_pair_T33_S65",
+                      "seq_lengths_zero_T63_S65", "and_or_nested_T65", "everything_T65")
 
-# Fully masked rows: (case, where the empty rows come from).
+# Cases with fully masked rows, each from a different source.
 EMPTY_ROW_CASES = [
     Case("empty_kv_length_0", 63, 65, (seq_lengths(zero=True),), batch=3),
     Case("empty_unmatched_segments", 65, 33, (segment_ids("unmatched"),)),
@@ -468,7 +451,7 @@ EMPTY_ROW_CASES = [
 # ---------------------------------------------------------------------------- runner
 
 
-def run(problem: Problem, implementation, block_sizes=None, *, jit=True, dout=None):
+def run(problem: Problem, implementation, block_sizes=None, *, jit=True):
   """attnlab's output and the gradients of ``<out, dout>`` w.r.t. ``problem.diff``."""
   static = dict(problem.static, implementation=implementation, block_sizes=block_sizes)
 
@@ -478,8 +461,7 @@ def run(problem: Problem, implementation, block_sizes=None, *, jit=True, dout=No
 
   if jit:
     forward_backward = jax.jit(forward_backward)
-  return forward_backward(problem.diff, problem.call_kwargs(),
-                          problem.dout if dout is None else dout)
+  return forward_backward(problem.diff, problem.call_kwargs(), problem.dout)
 
 
 def assert_matches(problem: Problem, out, grads, expected, tolerance=None):
