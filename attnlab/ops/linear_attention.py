@@ -71,17 +71,11 @@ class LinearCall:
               chunk_size=self.chunk_size)
 
 
-def _xla_supports(call: LinearCall) -> str | None:
-  if call.g is not None and call.g.ndim == 4 and call.chunk_size % min(16, call.chunk_size):
-    return f"gla's chunked form needs chunk_size a multiple of 16, got {call.chunk_size}"
-  return None
-
-
 for _name in MECHANISMS:
   registry.register(_name, registry.Implementation(
       "reference", linear_recurrence_reference, priority=0, automatic=False))
   registry.register(_name, registry.Implementation(
-      "xla", linear_recurrence_chunked, supports=_xla_supports, priority=10))
+      "xla", linear_recurrence_chunked, priority=10))
 
 
 # ----------------------------------------------------------------------------- checks

@@ -73,6 +73,11 @@ def _suffix_sum(g, axis=-1):
                          axis=axis)
 
 
+def _sub_chunk(chunk):
+  """The largest divisor of ``chunk`` up to 16: the sub-chunk length of the GLA form."""
+  return max(d for d in range(1, _SUB_CHUNK + 1) if chunk % d == 0)
+
+
 def _vector_gate_scores(q, k, g, allowed):
   """``A_ts = sum_k q_tk k_sk exp(sum_{s<u<=t} g_uk)`` for allowed ``s <= t``; ``[..., C, C]``.
 
@@ -83,7 +88,7 @@ def _vector_gate_scores(q, k, g, allowed):
   """
   chunk, key_dim = q.shape[-2], q.shape[-1]
   lead = q.shape[:-2]
-  sub = min(_SUB_CHUNK, chunk)
+  sub = _sub_chunk(chunk)
   num_sub = chunk // sub
   pos = jnp.arange(chunk)
   sub_of = pos // sub
@@ -181,8 +186,6 @@ def linear_recurrence_chunked(q, k, v, g=None, beta=None, *, scale, initial_stat
   num = -(-length // chunk)
   pad = num * chunk - length
   vector_gate = g is not None and g.ndim == 4
-  if vector_gate and chunk % min(_SUB_CHUNK, chunk):
-    raise ValueError(f"chunk_size={chunk} must be a multiple of {_SUB_CHUNK} for gla")
 
   io = q.dtype  # matrix-unit operand dtype; every sum and state is float32
 

@@ -556,7 +556,7 @@ class TestReference(LinearAttentionSuite):
 class TestXla(LinearAttentionSuite):
   implementation = "xla"
   chunk_sizes = (16, 32, 64)
-  sweep_chunk_sizes = (16, 32, 64)
+  sweep_chunk_sizes = (16, 32, 64, 24)  # 24: GLA sub-chunks of 12
 
 
 # ---------------------------------------------------------------------- decode steps
