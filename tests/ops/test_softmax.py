@@ -333,6 +333,7 @@ CASES = [
     Case("causal_T65", 65, 65, (is_causal,)),
     Case("causal_T33_S65", 33, 65, (is_causal,), num_kv=1),
     Case("causal_T65_S7", 65, 7, (is_causal,)),
+    Case("causal_obj_T257", 257, 257, (mask(masks.Causal(), O.causal),), batch=1),
     Case("decode_T1_S65", 1, 65, (seq_lengths(query=False), sinks)),
     # local windows
     Case("window_5_T65", 65, 65, (window(5),)),
@@ -342,6 +343,8 @@ CASES = [
     Case("window_obj_0_7_T63", 63, 63,
          (mask(masks.LocalWindow(0, 7), lambda t, s: O.local_window(t, s, 0, 7)),)),
     # the mask vocabulary
+    Case("chunked_causal_16_T65", 65, 65,
+         (mask(masks.ChunkedCausal(16), lambda t, s: O.chunked_causal(t, s, 16)),)),
     Case("chunked_causal_10_T63", 63, 63,
          (mask(masks.ChunkedCausal(10), lambda t, s: O.chunked_causal(t, s, 10)),)),
     Case("prefix_lm_10_T65", 65, 65,
@@ -371,6 +374,7 @@ CASES = [
     Case("seq_lengths_T65", 65, 65, (seq_lengths(),)),
     Case("seq_lengths_zero_T63_S65", 63, 65, (seq_lengths(zero=True),), batch=3),
     Case("padding_obj_kv_T63_S65", 63, 65, (padding_mask(),)),
+    Case("padding_obj_both_T65", 65, 65, (padding_mask(query=True), is_causal)),
     Case("bool_mask_BNTS_T63", 63, 63, (bool_mask("BNTS"),)),
     Case("bool_mask_B11S_T65_S33", 65, 33, (bool_mask("B11S"),)),
     # additive terms
@@ -382,6 +386,7 @@ CASES = [
     Case("relative_bias_8_T63_S65", 63, 65, (relative_bias(8),)),
     Case("soft_cap_T65", 65, 65, (soft_cap(5.0), scale(1.0))),
     Case("sinks_causal_T63", 63, 63, (sinks, is_causal)),
+    Case("scale_0.3_T65", 65, 65, (scale(0.3),)),
     Case("large_logits_causal_T65", 65, 65, (scale(8.0), is_causal)),
     # compositions
     Case("and_prefix_window_T65", 65, 65,
@@ -426,15 +431,20 @@ BF16_CASES = cases("plain_T257_mqa_H32", "sliding_window_T257", "seq_lengths_zer
 SWEEP_CASES = cases("sliding_window_T257", "everything_T65", "or_docs_causal_T65")
 # Cases whose masks the gradient-support check walks (T <= 65 keeps it cheap).
 SUPPORT_CASES = cases("causal_T33_S65", "window_9_3_T63_S65", "chunked_causal_10_T63",
-                      "power_of_two_1_T63", "seq_lengths_zero_T63_S65", "everything_T65")
+                      "strided_sparse_8_T65", "power_of_two_1_T63", "segment_ids_pair_T33_S65",
+                      "seq_lengths_zero_T63_S65", "and_or_nested_T65", "everything_T65")
 
 # Cases with fully masked rows, each from a different source.
 EMPTY_ROW_CASES = [
     Case("empty_kv_length_0", 63, 65, (seq_lengths(zero=True),), batch=3),
+    Case("empty_unmatched_segments", 65, 33, (segment_ids("unmatched"),)),
     Case("empty_unmatched_segments_sinks_cap_bias", 65, 33,
          (segment_ids("unmatched"), sinks, soft_cap(2.0), bias_array("BNTS"))),
     Case("empty_window_past_keys", 65, 33, (window((0, 0)),)),
     Case("empty_bool_rows", 63, 63, (bool_mask_with_empty_rows,)),
+    Case("empty_padding_obj", 63, 63, (padding_mask(query=False, kv=True),
+                                        mask(masks.LocalWindow(0, 0),
+                                             lambda t, s: O.local_window(t, s, 0, 0)))),
 ]
 
 
@@ -606,7 +616,10 @@ class SoftmaxSuite:
 
   @pytest.mark.parametrize("case", [
       Case("jax_nn_plain", 63, 65),
+      Case("jax_nn_causal", 65, 65, (is_causal,), num_heads=2, num_kv=2),
       Case("jax_nn_bias_mask", 33, 65, (bias_array("BNTS"), bool_mask("B1TS"))),
+      Case("jax_nn_window", 65, 63, (window((4, 2)),), num_kv=1),
+      Case("jax_nn_kv_lengths", 63, 65, (seq_lengths(query=False),)),
       Case("jax_nn_all", 65, 65, (is_causal, window(8), bias_array("1N1S"),
                                   bool_mask("BNTS"), seq_lengths(query=False),
                                   scale(0.5))),
