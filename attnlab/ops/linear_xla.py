@@ -12,8 +12,9 @@ Per chunk, with ``b_t`` the cumulative log decay inside the chunk (``b_t <= b_s`
   ``o_t = scale (e^{b_t} q_t^T S_0 + sum_{s<=t} e^{b_t - b_s} (q_t . k_s) v_s)``.
 * GLA with a per-channel gate: the same with ``e^{b_tk - b_sk}`` inside the dot product,
   computed in sub-chunks of 16: between sub-chunks each factor is taken relative to the
-  last position of the earlier sub-chunk (both factors <= 1), inside one sub-chunk lag by
-  lag (Yang et al. 2024, "Gated Linear Attention Transformers", §4.2 secondary chunking).
+  last position of the earlier sub-chunk (both factors <= 1), inside one sub-chunk as
+  differences of at most 16-term prefix sums (Yang et al. 2024, "Gated Linear Attention
+  Transformers", §4.2 secondary chunking).
 * DeltaNet / Gated DeltaNet (Yang et al. 2024, "Parallelizing Linear Transformers with
   the Delta Rule", §3; Gated DeltaNet §3.3): pseudo-values ``U = T (beta V) - W S_0`` with
   ``T = (I + L)^{-1}``, ``L_ts = beta_t e^{b_t - b_s} k_t . k_s`` (s < t), the UT transform
@@ -33,6 +34,9 @@ from jax import lax
 from jax.scipy.linalg import solve_triangular
 
 _SUB_CHUNK = 16
+
+
+_HIGHEST = lax.Precision.HIGHEST
 
 
 def _exp_nonpositive(x, valid):
@@ -55,14 +59,18 @@ def _documents(segment_ids, batch, length):
                           jnp.cumsum(starts, axis=1, dtype=jnp.int32)], axis=1)
 
 
-def _segment_sum(g):
-  """``out[..., t, s] = sum_{s < u <= t} g_u`` over the last axis (0 on and above the
-  diagonal's upper side is irrelevant: callers mask ``s > t``)."""
-  chunk = g.shape[-1]
-  pos = jnp.arange(chunk)
-  later = jnp.broadcast_to(pos[:, None] > pos[None, :], g.shape + (chunk,))
-  spread = jnp.where(later, jnp.broadcast_to(g[..., :, None], later.shape), 0.0)  # [u, s]
-  return jnp.cumsum(spread, axis=-2)
+def _relation(n, relation):
+  """``[n, n]`` float32 0/1 matrix ``relation(row, col)``, built from iota on device (a
+  folded constant would make XLA's compile crawl)."""
+  row = lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  col = lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  return relation(row, col).astype(jnp.float32)
+
+
+def _prefix_sum(g, axis=-1):
+  """``out[t] = sum_{u <= t} g_u`` along ``axis`` (with gates of one sign, as accurate as
+  the sequential sum)."""
+  return jnp.cumsum(g, axis=axis)
 
 
 def _suffix_sum(g, axis=-1):
@@ -73,59 +81,121 @@ def _suffix_sum(g, axis=-1):
                          axis=axis)
 
 
+def _segment_sum(g):
+  """``out[..., t, s] = sum_{s < u <= t} g_u`` over the last axis (``[..., C, C]``; the
+  entries with ``s >= t`` are 0).
+
+  The sum of the gates themselves, never a difference of cumulative sums: with strong
+  gates a difference loses the small decays of nearby pairs (and their gradients) to
+  cancellation against the large sums.
+  """
+  chunk = g.shape[-1]
+  spread = jnp.where(_relation(chunk, lambda u, s: u > s) > 0, g[..., :, None], 0.0)
+  # A product with a 0/1 matrix sums the gates on a matrix unit in one pass; HIGHEST
+  # keeps them out of TF32 rounding, and with gates of one sign every sum is as accurate
+  # as a sequential one.
+  return jnp.einsum("tu,...us->...ts", _relation(chunk, lambda t, u: u <= t), spread,
+                    precision=_HIGHEST)
+
+
 def _sub_chunk(chunk):
   """The largest divisor of ``chunk`` up to 16: the sub-chunk length of the GLA form."""
   return max(d for d in range(1, _SUB_CHUNK + 1) if chunk % d == 0)
 
 
+@jax.custom_vjp
+def _within_sub_chunk(q, k, prefix):
+  """``A[..., t, s] = sum_k q_tk k_sk exp(P_tk - P_sk)`` for ``s <= t`` inside each
+  sub-chunk (``[..., J, L, L]`` from ``[..., J, L, K]``), ``P`` the prefix sums of the
+  gates from the sub-chunk's start.
+
+  A sub-chunk holds at most 16 gates, so the difference of two prefix sums is accurate
+  to a few ulps of a 16-term sum. The diagonal's exponent is the constant 0, so its
+  (large) term carries no gate gradient to cancel against the small off-diagonal ones.
+  The backward recomputes the ``[L, L, K]`` factors instead of storing them.
+  """
+  return _within_forward(q, k, prefix)
+
+
+def _within_exponent(prefix):
+  length = prefix.shape[-2]
+  lag = (lax.broadcasted_iota(jnp.int32, (length, length), 0)
+         - lax.broadcasted_iota(jnp.int32, (length, length), 1))[..., None]   # t - s
+  diff = prefix[..., :, None, :] - prefix[..., None, :, :]                    # [.., t, s, K]
+  return jnp.exp(jnp.where(lag > 0, diff, jnp.where(lag == 0, 0.0, -jnp.inf)))
+
+
+def _within_forward(q, k, prefix):
+  """Lag by lag (``s = t - lag``): one element-wise pass over ``[.., L, K]`` per lag, which
+  XLA compiles fast (one fused ``[L, L, K]`` reduction took minutes to compile on GPU)."""
+  length = q.shape[-2]
+  pos = lax.broadcasted_iota(jnp.int32, (length, 1), 0)
+  lag_of = pos - lax.broadcasted_iota(jnp.int32, (1, length), 1)              # t - s
+  scores = jnp.zeros(q.shape[:-1] + (length,), q.dtype)
+  for lag in range(length):
+    k_lag = jnp.roll(k, lag, axis=-2)
+    if lag:
+      exponent = jnp.where(pos >= lag, prefix - jnp.roll(prefix, lag, axis=-2), -jnp.inf)
+      band = jnp.sum(q * k_lag * jnp.exp(exponent), -1)                       # [.., L]
+    else:
+      band = jnp.sum(q * k, -1)
+    scores = scores + jnp.where(lag_of == lag, band[..., :, None], 0.0)
+  return scores
+
+
+def _within_fwd(q, k, prefix):
+  return _within_forward(q, k, prefix), (q, k, prefix)
+
+
+def _within_bwd(res, d_scores):
+  q, k, prefix = res
+  length = prefix.shape[-2]
+  strict = (lax.broadcasted_iota(jnp.int32, (length, length), 0)
+            > lax.broadcasted_iota(jnp.int32, (length, length), 1))
+  weight = _within_exponent(prefix) * d_scores[..., None]          # [.., t, s, K]
+  dq = jnp.sum(weight * k[..., None, :, :], -2)
+  dk = jnp.sum(weight * q[..., :, None, :], -3)
+  # d/dP_t of exp(P_t - P_s) over strict pairs only: the diagonal has no gate.
+  off = jnp.where(strict[..., None], weight, 0.0)
+  dprefix = (q * jnp.sum(off * k[..., None, :, :], -2)
+             - k * jnp.sum(off * q[..., :, None, :], -3))
+  return dq, dk, dprefix
+
+
+_within_sub_chunk.defvjp(_within_fwd, _within_bwd)
+
+
 def _vector_gate_scores(q, k, g, allowed):
   """``A_ts = sum_k q_tk k_sk exp(sum_{s<u<=t} g_uk)`` for allowed ``s <= t``; ``[..., C, C]``.
 
-  Between sub-chunks each factor is taken relative to ``r_j``, the last position of the
-  earlier sub-chunk ``j``: ``q_t exp(sum_{r_j<u<=t} g)`` and ``k_s exp(sum_{s<u<=r_j} g)``,
-  both <= 1. Inside a sub-chunk, lag by lag. Every exponent is a sum of gates, never a
-  difference of cumulative sums.
+  Secondary chunking (GLA paper §4.2) into ``J`` sub-chunks of ``L``. Between sub-chunks
+  ``j < i`` each factor is taken relative to ``r_j``, the last position of sub-chunk
+  ``j``: ``q_t exp(sum_{r_j<u<=t} g)`` and ``k_s exp(sum_{s<u<=r_j} g)``, both <= 1 and
+  both sums of gates (no cancellation), then one matrix product. Inside a sub-chunk,
+  ``_within_sub_chunk``.
   """
   chunk, key_dim = q.shape[-2], q.shape[-1]
   lead = q.shape[:-2]
   sub = _sub_chunk(chunk)
   num_sub = chunk // sub
-  pos = jnp.arange(chunk)
-  sub_of = pos // sub
-  g_sub = g.reshape(*lead, num_sub, sub, key_dim)
-  prefix = jnp.cumsum(g_sub, axis=-2).reshape(*lead, chunk, key_dim)   # from i's start to t
-  to_ref = _suffix_sum(g_sub, axis=-2).reshape(*lead, chunk, key_dim)  # (s, r_j]
+  q_s, k_s, g_s = (x.reshape(*lead, num_sub, sub, key_dim) for x in (q, k, g))
+  prefix = _prefix_sum(g_s, axis=-2)                                  # (start_i, t]
+  to_ref = _suffix_sum(g_s, axis=-2)                                  # (s, r_j]
+  totals = jnp.sum(g_s, axis=-2)                                      # [.., J, K]
   # gap[i, j] = total gate of the sub-chunks strictly between j and i.
-  sub_idx = jnp.arange(num_sub)
-  past = jnp.broadcast_to((sub_idx[:, None] > sub_idx[None, :])[..., None],
-                          lead + (num_sub, num_sub, key_dim))
-  totals = jnp.broadcast_to(g_sub.sum(-2)[..., :, None, :], past.shape)
-  through = jnp.cumsum(jnp.where(past, totals, 0.0), axis=-3)        # j < m <= i
-  gap = jnp.concatenate([jnp.zeros_like(through[..., :1, :, :]), through[..., :-1, :, :]],
-                        axis=-3)                                      # j < m < i
-  log_q = prefix[..., :, None, :] + jnp.take(gap, sub_of, axis=-3)    # [..., C, J, K]
-  later_sub = (sub_of[:, None] > sub_idx[None, :])[..., None]         # [C, J, 1]
-  q_rel = q[..., :, None, :] * _exp_nonpositive(log_q, later_sub)
-  k_rel = (k * jnp.exp(to_ref)).reshape(*lead, num_sub, sub, key_dim)
-  between = jnp.einsum("...tjk,...jsk->...tjs", q_rel, k_rel).reshape(*lead, chunk, chunk)
-  # Inside a sub-chunk: lag by lag, each an element-wise product over the chunk.
-  lags, window = [], jnp.zeros_like(g)   # window = sum_{t-lag < u <= t} g_u
-  for lag in range(sub):
-    if lag:
-      window = window + jnp.roll(g, lag - 1, axis=-2)
-    valid = ((pos % sub) >= lag)[:, None]
-    k_lag = jnp.roll(k, lag, axis=-2)
-    lags.append(jnp.sum(q * k_lag * _exp_nonpositive(window, valid), -1))
-  band = jnp.stack(lags, axis=-1)                                      # [..., C, sub]
-  lag_of = pos[:, None] - pos[None, :]
-  inside = (sub_of[:, None] == sub_of[None, :]) & (lag_of >= 0)
-  within = jnp.take_along_axis(
-      band, jnp.broadcast_to(jnp.clip(lag_of, 0, sub - 1), band.shape[:-2] + (chunk, chunk)),
-      axis=-1)
-  later = jnp.broadcast_to(sub_of[:, None] > sub_of[None, :], between.shape)
-  scores = jnp.where(jnp.broadcast_to(inside, within.shape), within,
-                     jnp.where(later, between, 0.0))
-  return jnp.where(allowed, scores, 0.0)
+  idx = jnp.arange(num_sub)
+  between_ij = ((idx[None, :, None] < idx[None, None, :])
+                & (idx[None, None, :] < idx[:, None, None])).astype(jnp.float32)  # [i, j, m]
+  gap = jnp.einsum("ijm,...mk->...ijk", between_ij, totals, precision=_HIGHEST)
+  log_q = prefix[..., :, :, None, :] + gap[..., :, None, :, :]        # [.., i, p, j, K]
+  earlier = (idx[:, None] > idx[None, :])[:, None, :, None]           # j < i
+  q_rel = q_s[..., :, :, None, :] * _exp_nonpositive(log_q, earlier)
+  k_rel = k_s * jnp.exp(to_ref)
+  between = jnp.einsum("...ipjk,...jsk->...ipjs", q_rel, k_rel)        # [.., i, p, j, s]
+  within = _within_sub_chunk(q_s, k_s, prefix)                        # [.., i, p, s]
+  same = (idx[:, None] == idx[None, :])[:, None, :, None]
+  scores = jnp.where(same, within[..., :, :, None, :], between)
+  return jnp.where(allowed, scores.reshape(*lead, chunk, chunk), 0.0)
 
 
 def _matmul(spec, a, b, dtype):
@@ -186,6 +256,7 @@ def linear_recurrence_chunked(q, k, v, g=None, beta=None, *, scale, initial_stat
   num = -(-length // chunk)
   pad = num * chunk - length
   vector_gate = g is not None and g.ndim == 4
+  no_gate = g is None
 
   io = q.dtype  # matrix-unit operand dtype; every sum and state is float32
 
@@ -217,7 +288,7 @@ def linear_recurrence_chunked(q, k, v, g=None, beta=None, *, scale, initial_stat
             else initial_state.astype(f32))
 
   if vector_gate:
-    b = jnp.cumsum(g, axis=-2)                                   # [B, H, N, C, K]
+    b = _prefix_sum(g, axis=-2)                                  # [B, H, N, C, K]
     b_last = b[..., -1:, :]
     scores = _vector_gate_scores(q.astype(f32), k.astype(f32), g, allowed)
     q_in = q * jnp.exp(b) * first[..., None]
@@ -226,12 +297,13 @@ def linear_recurrence_chunked(q, k, v, g=None, beta=None, *, scale, initial_stat
     kind = "vector"
   else:
     g = jnp.zeros(q.shape[:-1], f32) if g is None else g        # [B, H, N, C]
-    b = jnp.cumsum(g, axis=-1)
+    b = _prefix_sum(g)
     b_last = b[..., -1:]
     # Log decays as sums of gates over (s, t] and (t, C), never as differences of
     # cumulative sums: with g <= 0 every sum is free of cancellation, which keeps the
     # gate gradients accurate under strong gates (Mamba-2's segment sum).
-    pair_decay = _exp_nonpositive(_segment_sum(g), allowed)
+    pair_decay = (allowed.astype(f32) if no_gate
+                  else _exp_nonpositive(_segment_sum(g), allowed))
     after = _suffix_sum(g)
     scores = _matmul("...tk,...sk->...ts", q, k, io) * pair_decay
     q_in = q * (jnp.exp(b) * first)[..., None]
