@@ -1,0 +1,320 @@
+"""Linear-attention mixers, each following its paper's layer definition.
+
+=================  ===========  ===============================================================
+mixer              op           layer
+=================  ===========  ===============================================================
+linear_attention   linear_attn  Katharopoulos et al. 2020, eqs. 6-7: phi = elu + 1, normalized
+retention          simple_gla   RetNet, Sun et al. 2023, eqs. 5 and 8-9: fixed per-head decay,
+                                rotation, GroupNorm and swish gate
+gla                gla          GLA, Yang et al. 2023, §4.4: low-rank sigmoid gate ** (1/16),
+                                LN and swish output gate
+hgrn2              gla          HGRN2, Qin et al. 2024, §3: forget gate f, input key 1 - f
+mamba2             simple_gla   Mamba-2, Dao & Gu 2024, §7 (Fig. 6): q = C, k = B, v = dt x,
+                                g = dt A, D skip, gated RMS norm
+deltanet           delta_rule   DeltaNet, Yang et al. 2024, §3.3: short conv, L2-normed q/k,
+                                sigmoid beta, output norm
+gated_deltanet     gated_delta  Gated DeltaNet, Yang et al. 2025, §3.3: Mamba-2 decay gate,
+                   _rule        sigmoid beta, gated output norm
+=================  ===========  ===============================================================
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from attnlab.layers.common import (HeadLayerNorm, RMSNorm, ShortConv, dense, named_param,
+                                   rope)
+from attnlab.layers.config import MixerConfig
+from attnlab.layers.recurrent_base import RecurrentMixer
+from attnlab.ops import retention_gammas
+
+
+def _heads(x, num_heads):
+  return x.reshape(x.shape[:2] + (num_heads, -1))
+
+
+def _dim(config, expand, default):
+  expand = default if expand is None else expand
+  dim = int(config.dim * expand)
+  if dim < 1 or dim != config.dim * expand:
+    raise ValueError(f"head_dim={config.dim} times expand={expand} must be a positive int")
+  return dim
+
+
+def _kw(c, rngs):
+  return dict(rngs=rngs, dtype=c.dtype, param_dtype=c.param_dtype)
+
+
+def _conv(c, channels, default, rngs, use_bias=False):
+  size = default if c.conv_size is None else c.conv_size
+  if size == 0:
+    return None
+  return ShortConv(channels, size, rngs=rngs, use_bias=use_bias,
+                   param_dtype=c.param_dtype)
+
+
+class LinearAttention(RecurrentMixer):
+  """``o_t = phi(q_t)^T S_t / (phi(q_t)^T z_t)`` with ``phi = elu + 1`` (eqs. 6-7)."""
+
+  op = "linear_attn"
+
+  def __init__(self, config: MixerConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    h = self.num_heads = c.num_heads
+    self.key_dim = _dim(c, c.expand_k, 1)
+    self.value_dim = _dim(c, c.expand_v, 1)
+    self.q_proj = dense(c.width, h * self.key_dim, ("embed", "heads"), **_kw(c, rngs))
+    self.k_proj = dense(c.width, h * self.key_dim, ("embed", "heads"), **_kw(c, rngs))
+    self.v_proj = dense(c.width, h * self.value_dim, ("embed", "heads"), **_kw(c, rngs))
+    self.o_proj = dense(h * self.value_dim, c.width, ("heads", "embed"), **_kw(c, rngs))
+
+  def _op_kwargs(self):
+    return {"normalize": True, "feature_map": "identity"}
+
+  def state_value_dim(self):
+    return self.value_dim + 1  # the normalizer z rides along as an extra column
+
+  def _features(self, x, conv_out, positions):
+    phi = lambda a: jax.nn.elu(a) + 1.0
+    h = self.num_heads
+    return {"q": phi(_heads(self.q_proj(x), h)), "k": phi(_heads(self.k_proj(x), h)),
+            "v": _heads(self.v_proj(x), h)}
+
+  def _output(self, o, x, f):
+    return self.o_proj(o.reshape(o.shape[:2] + (-1,)))
+
+
+class Retention(RecurrentMixer):
+  """Multi-scale retention: ``S_t = gamma_h S_{t-1} + k_t v_t^T`` with RoPE-rotated q, k
+  (the paper's ``Theta``), ``Y = GroupNorm(o)``, ``y = (swish(x W_G) * Y) W_O``."""
+
+  op = "simple_gla"
+
+  def __init__(self, config: MixerConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    h = self.num_heads = c.num_heads
+    self.key_dim = _dim(c, c.expand_k, 1)
+    self.value_dim = _dim(c, c.expand_v, 2)  # RetNet's value heads are twice as wide
+    kw = _kw(c, rngs)
+    self.q_proj = dense(c.width, h * self.key_dim, ("embed", "heads"), **kw)
+    self.k_proj = dense(c.width, h * self.key_dim, ("embed", "heads"), **kw)
+    self.v_proj = dense(c.width, h * self.value_dim, ("embed", "heads"), **kw)
+    self.g_proj = dense(c.width, h * self.value_dim, ("embed", "heads"), **kw)
+    self.o_proj = dense(h * self.value_dim, c.width, ("heads", "embed"), **kw)
+    self.norm = HeadLayerNorm(h, self.value_dim, eps=c.norm_eps)
+
+  def _features(self, x, conv_out, positions):
+    c, h = self.config, self.num_heads
+    q = rope(_heads(self.q_proj(x), h), positions, c.rope_base)
+    k = rope(_heads(self.k_proj(x), h), positions, c.rope_base)
+    g = jnp.broadcast_to(jnp.asarray(retention_gammas(h), jnp.float32), q.shape[:3])
+    return {"q": q, "k": k, "v": _heads(self.v_proj(x), h), "g": g}
+
+  def _output(self, o, x, f):
+    y = self.norm(o).reshape(o.shape[:2] + (-1,))
+    return self.o_proj(jax.nn.silu(self.g_proj(x)) * y)
+
+
+class GLA(RecurrentMixer):
+  """Gated linear attention: ``alpha_t = sigmoid(x W_a1 W_a2 + b) ** (1 / 16)``,
+  ``y = (swish(x W_r + b_r) * LN(o)) W_O`` (LN as an RMS norm per head)."""
+
+  op = "gla"
+
+  def __init__(self, config: MixerConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    h = self.num_heads = c.num_heads
+    self.key_dim = _dim(c, c.expand_k, 0.5)
+    self.value_dim = _dim(c, c.expand_v, 1)
+    kw = _kw(c, rngs)
+    self.q_proj = dense(c.width, h * self.key_dim, ("embed", "heads"), **kw)
+    self.k_proj = dense(c.width, h * self.key_dim, ("embed", "heads"), **kw)
+    self.v_proj = dense(c.width, h * self.value_dim, ("embed", "heads"), **kw)
+    self.gate_down = dense(c.width, c.gate_low_rank, ("embed", None), **kw)
+    self.gate_up = dense(c.gate_low_rank, h * self.key_dim, (None, "heads"),
+                         use_bias=True, **kw)
+    self.r_proj = dense(c.width, h * self.value_dim, ("embed", "heads"), use_bias=True,
+                        **kw)
+    self.o_proj = dense(h * self.value_dim, c.width, ("heads", "embed"), **kw)
+    self.norm = RMSNorm(self.value_dim, "head_dim", eps=c.norm_eps)
+
+  def _features(self, x, conv_out, positions):
+    h = self.num_heads
+    logits = self.gate_up(self.gate_down(x)).astype(jnp.float32)
+    g = jax.nn.log_sigmoid(logits) / self.config.gate_normalizer
+    return {"q": _heads(self.q_proj(x), h), "k": _heads(self.k_proj(x), h),
+            "v": _heads(self.v_proj(x), h), "g": _heads(g, h)}
+
+  def _output(self, o, x, f):
+    y = self.norm(o).reshape(o.shape[:2] + (-1,))
+    return self.o_proj(jax.nn.silu(self.r_proj(x)) * y)
+
+
+class HGRN2(RecurrentMixer):
+  """HGRN2's outer-product state expansion: ``S_t = diag(f_t) S_{t-1} + (1 - f_t) i_t^T``,
+  ``o_t = S_t^T q_t`` with ``f_t = sigmoid(x W_f)``, then an RMS norm per head and a swish
+  output gate."""
+
+  op = "gla"
+
+  def __init__(self, config: MixerConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    h = self.num_heads = c.num_heads
+    self.key_dim = _dim(c, c.expand_k, 1)
+    self.value_dim = _dim(c, c.expand_v, 1)
+    kw = _kw(c, rngs)
+    self.q_proj = dense(c.width, h * self.key_dim, ("embed", "heads"), **kw)
+    self.f_proj = dense(c.width, h * self.key_dim, ("embed", "heads"), **kw)
+    self.i_proj = dense(c.width, h * self.value_dim, ("embed", "heads"), **kw)
+    self.g_proj = dense(c.width, h * self.value_dim, ("embed", "heads"), **kw)
+    self.o_proj = dense(h * self.value_dim, c.width, ("heads", "embed"), **kw)
+    self.norm = RMSNorm(self.value_dim, "head_dim", eps=c.norm_eps)
+
+  def _features(self, x, conv_out, positions):
+    h = self.num_heads
+    f_logits = _heads(self.f_proj(x), h).astype(jnp.float32)
+    # log f and 1 - f = sigmoid(-logits), both without cancellation.
+    return {"q": _heads(self.q_proj(x), h), "k": jax.nn.sigmoid(-f_logits).astype(x.dtype),
+            "v": _heads(self.i_proj(x), h), "g": jax.nn.log_sigmoid(f_logits)}
+
+  def _output(self, o, x, f):
+    y = self.norm(o).reshape(o.shape[:2] + (-1,))
+    return self.o_proj(jax.nn.silu(self.g_proj(x)) * y)
+
+
+def _inverse_softplus(y):
+  return y + np.log(-np.expm1(-y))
+
+
+def _dt_bias(rngs, num_heads, dt_min=1e-3, dt_max=0.1):
+  """Mamba's step-size bias: softplus(bias) log-uniform in [dt_min, dt_max]."""
+  u = jax.random.uniform(rngs.params(), (num_heads,))
+  dt = np.exp(np.log(dt_min) + np.asarray(u) * (np.log(dt_max) - np.log(dt_min)))
+  return jnp.asarray(_inverse_softplus(dt), jnp.float32)
+
+
+def _a_log(rngs, num_heads):
+  """Mamba-2's ``A = -exp(A_log)`` with ``-A`` uniform in [1, 16]."""
+  return jnp.log(jax.random.uniform(rngs.params(), (num_heads,), minval=1.0, maxval=16.0))
+
+
+class Mamba2(RecurrentMixer):
+  """Mamba-2 block: ``[z, x, B, C, dt] = u W_in``; ``x, B, C`` through a short conv and
+  SiLU; ``dt = softplus(dt + b)``; the SSD recurrence ``S_t = exp(dt A) S_{t-1} + B_t
+  (dt x_t)^T``, ``y_t = C_t^T S_t + D x_t``; ``out = RMSNorm(y * silu(z)) W_out``."""
+
+  op = "simple_gla"
+
+  def __init__(self, config: MixerConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    h = self.num_heads = c.num_heads
+    inner = self.inner = c.mamba_expand * c.width
+    if inner % h:
+      raise ValueError(f"mamba2 needs num_heads={h} to divide mamba_expand * width={inner}")
+    self.key_dim = c.state_size
+    self.value_dim = inner // h
+    n = c.state_size
+    kw = _kw(c, rngs)
+    self.in_proj = dense(c.width, 2 * inner + 2 * n + h, ("embed", "heads"), **kw)
+    self.conv = _conv(c, inner + 2 * n, 4, rngs, use_bias=True)
+    self.dt_bias = named_param(_dt_bias(rngs, h), ("heads",))
+    self.a_log = named_param(_a_log(rngs, h), ("heads",))
+    self.d_skip = named_param(jnp.ones((h,), c.param_dtype), ("heads",))
+    self.norm = RMSNorm(inner, "heads", eps=c.norm_eps)
+    self.out_proj = dense(inner, c.width, ("heads", "embed"), **kw)
+
+  def _op_kwargs(self):
+    return {"scale": 1.0}
+
+  def _split(self, x):
+    inner, n = self.inner, self.config.state_size
+    return jnp.split(self.in_proj(x), [inner, 2 * inner + 2 * n], axis=-1)  # z, xBC, dt
+
+  def _conv_input(self, x):
+    return self._split(x)[1]
+
+  def _features(self, x, conv_out, positions):
+    h, inner, n = self.num_heads, self.inner, self.config.state_size
+    _, _, dt = self._split(x)
+    xs, b, c = jnp.split(conv_out, [inner, inner + n], axis=-1)
+    xs = _heads(xs, h)
+    dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])
+    a = -jnp.exp(self.a_log[...].astype(jnp.float32))
+    shape = xs.shape[:3] + (n,)
+    return {"q": jnp.broadcast_to(c[:, :, None], shape),
+            "k": jnp.broadcast_to(b[:, :, None], shape),
+            "v": (xs * dt[..., None]).astype(xs.dtype), "g": dt * a, "x": xs}
+
+  def _output(self, o, x, f):
+    z = self._split(x)[0]
+    y = o + f["x"] * self.d_skip[...][:, None].astype(o.dtype)
+    y = y.reshape(o.shape[:2] + (-1,))
+    return self.out_proj(self.norm(y * jax.nn.silu(z)))
+
+
+class DeltaNet(RecurrentMixer):
+  """DeltaNet: q, k, v through a short conv and SiLU, ``q, k`` L2-normalized,
+  ``beta = sigmoid(x W_beta)``, ``S_t = (I - beta k k^T) S_{t-1} + beta k v^T``, an RMS
+  norm per head (and a swish output gate with ``output_gate=True``)."""
+
+  op = "delta_rule"
+
+  def __init__(self, config: MixerConfig, *, rngs: nnx.Rngs):
+    self._build(config, rngs, gated=False)
+
+  def _build(self, c, rngs, gated):
+    self.config = c
+    h = self.num_heads = c.num_heads
+    self.key_dim = _dim(c, c.expand_k, 1)
+    self.value_dim = _dim(c, c.expand_v, 1)
+    kw = _kw(c, rngs)
+    hk, hv = h * self.key_dim, h * self.value_dim
+    self.qkv_proj = dense(c.width, 2 * hk + hv, ("embed", "heads"), **kw)
+    self.conv = _conv(c, 2 * hk + hv, 4, rngs)
+    self.beta_proj = dense(c.width, h, ("embed", "heads"), **kw)
+    if gated:
+      self.a_proj = dense(c.width, h, ("embed", "heads"), **kw)
+      self.dt_bias = named_param(_dt_bias(rngs, h), ("heads",))
+      self.a_log = named_param(_a_log(rngs, h), ("heads",))
+    self.g_proj = (dense(c.width, hv, ("embed", "heads"), **kw)
+                   if gated or c.output_gate else None)
+    self.norm = RMSNorm(self.value_dim, "head_dim", eps=c.norm_eps)
+    self.o_proj = dense(hv, c.width, ("heads", "embed"), **kw)
+
+  def _op_kwargs(self):
+    return {"use_qk_l2norm": True}
+
+  def _conv_input(self, x):
+    return self.qkv_proj(x)
+
+  def _features(self, x, conv_out, positions):
+    h, hk = self.num_heads, self.num_heads * self.key_dim
+    q, k, v = jnp.split(conv_out, [hk, 2 * hk], axis=-1)
+    beta = jax.nn.sigmoid(self.beta_proj(x).astype(jnp.float32))
+    return {"q": _heads(q, h), "k": _heads(k, h), "v": _heads(v, h), "beta": beta}
+
+  def _output(self, o, x, f):
+    y = self.norm(o).reshape(o.shape[:2] + (-1,))
+    if self.g_proj is not None:
+      y = y * jax.nn.silu(self.g_proj(x))
+    return self.o_proj(y)
+
+
+class GatedDeltaNet(DeltaNet):
+  """Gated DeltaNet: DeltaNet with the decay ``alpha_t = exp(-exp(A_log) softplus(x W_a +
+  b))`` of Mamba-2, ``S_t = alpha_t (I - beta k k^T) S_{t-1} + beta k v^T``, and the
+  gated output norm ``RMSNorm(o) * silu(x W_g)``."""
+
+  op = "gated_delta_rule"
+
+  def __init__(self, config: MixerConfig, *, rngs: nnx.Rngs):
+    self._build(config, rngs, gated=True)
+
+  def _features(self, x, conv_out, positions):
+    f = super()._features(x, conv_out, positions)
+    dt = jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + self.dt_bias[...])
+    f["g"] = -jnp.exp(self.a_log[...].astype(jnp.float32)) * dt
+    return f

@@ -1,0 +1,134 @@
+"""The shared machinery of the linear-attention mixers: full forward, bidirectional form,
+prefill and one-token decode around one op of ``attnlab.ops``.
+
+A mixer subclass says how ``x`` becomes the op's inputs and how the op's output becomes
+``y``; this base runs the op (chunked) for whole sequences and its ``_step`` for decoding,
+so the two paths share every projection. Right-padded positions (``lengths``) get zero
+keys, values, log gates and betas, which leaves the state unchanged through them.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from attnlab import ops
+
+# op name -> (whole-sequence op, decode step, the gate arguments it takes in order).
+OPS = {
+    "linear_attn": (ops.linear_attn, ops.linear_attn_step, ()),
+    "simple_gla": (ops.simple_gla, ops.simple_gla_step, ("g",)),
+    "gla": (ops.gla, ops.gla_step, ("g",)),
+    "delta_rule": (ops.delta_rule, ops.delta_rule_step, ("beta",)),
+    "gated_delta_rule": (ops.gated_delta_rule, ops.gated_delta_rule_step, ("g", "beta")),
+}
+
+
+def _mask_features(f, valid):
+  """Zero k, v and every gate where ``valid [B, T]`` is False."""
+  f = dict(f)
+  for name in ("k", "v"):
+    f[name] = f[name] * valid[:, :, None, None].astype(f[name].dtype)
+  for name in ("g", "beta"):
+    if name in f:
+      keep = valid.reshape(valid.shape + (1,) * (f[name].ndim - 2))
+      f[name] = jnp.where(keep, f[name], 0)
+  return f
+
+
+class RecurrentMixer(nnx.Module):
+  """Base of the linear mixers. Subclasses set ``op``, ``num_heads``, ``key_dim``,
+  ``value_dim``, ``conv`` (a ShortConv or None) and define ``_conv_input``,
+  ``_features`` and ``_output``."""
+
+  op: str = ""
+  conv = None
+
+  def _op_kwargs(self) -> dict:
+    return {}
+
+  def _conv_input(self, x):
+    """``[B, T, C]`` channels the short convolution sees, or None."""
+    del x
+    return None
+
+  def _features(self, x, conv_out, positions) -> dict:
+    """The op's inputs ``q, k, v`` ``[B, T, H, *]`` and gates, plus extras the output
+    needs."""
+    raise NotImplementedError
+
+  def _output(self, o, x, features):
+    raise NotImplementedError
+
+  def state_value_dim(self) -> int:
+    return self.value_dim
+
+  # --------------------------------------------------------------------- forward
+
+  def _forward(self, x, segment_ids, positions, valid, output_final_state=False):
+    b, t, _ = x.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    conv_in = self._conv_input(x)
+    conv_out = conv_in if self.conv is None else self.conv(conv_in, segment_ids)
+    f = self._features(x, conv_out, positions)
+    if valid is not None:
+      f = _mask_features(f, valid)
+    fn, _, gates = OPS[self.op]
+    o, state = fn(f["q"], f["k"], f["v"], *(f[g] for g in gates),
+                  segment_ids=segment_ids, output_final_state=output_final_state,
+                  chunk_size=self.config.chunk_size,
+                  implementation=self.config.implementation, **self._op_kwargs())
+    return self._output(o, x, f), state, conv_in
+
+  def __call__(self, x, *, segment_ids=None, positions=None, lengths=None):
+    """``x [B, T, D]`` -> ``[B, T, D]``. Non-causal mixers sum the recurrence run
+    forward and run backward over the sequence (the bidirectional form of Vim / Hydra)."""
+    t = x.shape[1]
+    valid = None if lengths is None else jnp.arange(t)[None] < lengths[:, None]
+    y = self._forward(x, segment_ids, positions, valid)[0]
+    if self.config.causal:
+      return y
+    flip = lambda a: None if a is None else jnp.flip(a, axis=1)
+    back = self._forward(flip(x), flip(segment_ids), flip(positions), flip(valid))[0]
+    return y + flip(back)
+
+  # -------------------------------------------------------------------- decoding
+
+  def _check_decoder(self):
+    if not self.config.causal:
+      raise ValueError("decoding needs a causal mixer, got MixerConfig.causal=False")
+
+  def init_cache(self, batch, max_len):
+    del max_len
+    cache = {"state": jnp.zeros((batch, self.num_heads, self.key_dim,
+                                 self.state_value_dim()), jnp.float32)}
+    if self.conv is not None:
+      cache["conv"] = self.conv.init_state(batch, self.config.dtype)
+    return cache
+
+  def prefill(self, x, lengths, max_len):
+    """Prompts ``x [B, T, D]``, row b valid up to ``lengths[b]`` -> ``(y, cache)``."""
+    del max_len
+    self._check_decoder()
+    valid = jnp.arange(x.shape[1])[None] < lengths[:, None]
+    y, state, conv_in = self._forward(x, None, None, valid, output_final_state=True)
+    cache = {"state": state}
+    if self.conv is not None:
+      cache["conv"] = self.conv.state_after(conv_in, lengths).astype(self.config.dtype)
+    return y, cache
+
+  def decode(self, x_t, cache, positions):
+    """``x_t [B, 1, D]`` at ``positions [B]`` -> ``(y_t [B, 1, D], cache)``."""
+    self._check_decoder()
+    conv_in = self._conv_input(x_t)
+    new_cache = {}
+    conv_out = conv_in
+    if self.conv is not None:
+      y_c, new_cache["conv"] = self.conv.step(conv_in[:, 0], cache["conv"])
+      conv_out = y_c[:, None]
+    f = self._features(x_t, conv_out, positions[:, None])
+    _, step, gates = OPS[self.op]
+    o_t, new_cache["state"] = step(f["q"][:, 0], f["k"][:, 0], f["v"][:, 0],
+                                   *(f[g][:, 0] for g in gates), cache["state"], **self._op_kwargs())
+    return self._output(o_t[:, None], x_t, f), new_cache
