@@ -185,15 +185,11 @@ class HGRN2(RecurrentMixer):
     return self.o_proj(jax.nn.silu(self.g_proj(x)) * y)
 
 
-def _inverse_softplus(y):
-  return y + np.log(-np.expm1(-y))
-
-
 def _dt_bias(rngs, num_heads, dt_min=1e-3, dt_max=0.1):
   """Mamba's step-size bias: softplus(bias) log-uniform in [dt_min, dt_max]."""
   u = jax.random.uniform(rngs.params(), (num_heads,))
-  dt = np.exp(np.log(dt_min) + np.asarray(u) * (np.log(dt_max) - np.log(dt_min)))
-  return jnp.asarray(_inverse_softplus(dt), jnp.float32)
+  dt = jnp.exp(np.log(dt_min) + u * (np.log(dt_max) - np.log(dt_min)))
+  return dt + jnp.log(-jnp.expm1(-dt))  # the inverse of softplus
 
 
 def _a_log(rngs, num_heads):
