@@ -15,6 +15,11 @@ from flax import nnx
 LOGICAL_AXES = ("embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
 
 
+def trailing(v, ndim):
+  """``v`` with leading size-1 axes up to rank ``ndim`` (explicit rank promotion)."""
+  return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
 def named_init(init, names):
   """``init`` whose parameters carry the logical axis ``names``."""
   return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
@@ -44,7 +49,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    return (y * trailing(self.scale[...].astype(jnp.float32), y.ndim)).astype(x.dtype)
 
 
 class HeadLayerNorm(nnx.Module):
@@ -58,7 +63,7 @@ class HeadLayerNorm(nnx.Module):
     x32 = x.astype(jnp.float32)
     x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    return (y * trailing(self.scale[...].astype(jnp.float32), y.ndim)).astype(x.dtype)
 
 
 def rope(x, positions, base=10000.0):
@@ -66,7 +71,7 @@ def rope(x, positions, base=10000.0):
   ``positions [B, T]``, rotating the two halves of the head dim."""
   half = x.shape[-1] // 2
   freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions.astype(jnp.float32)[..., None, None] * freq
+  angle = positions.astype(jnp.float32)[..., None, None] * trailing(freq, 4)
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   x1, x2 = jnp.split(x.astype(jnp.float32), [half], axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -103,7 +108,7 @@ class ShortConv(nnx.Module):
 
   def _finish(self, y, dtype):
     if self.bias is not None:
-      y = y + self.bias[...]
+      y = y + trailing(self.bias[...], y.ndim)
     if self.activation:
       y = jax.nn.silu(y)
     return y.astype(dtype)
@@ -117,7 +122,7 @@ class ShortConv(nnx.Module):
       if segment_ids is not None and lag:
         same = segment_ids == shift_right(segment_ids, lag)
         tap = jnp.where(same[..., None], tap, 0.0)
-      y = y + tap * w[self.kernel_size - 1 - lag]
+      y = y + tap * trailing(w[self.kernel_size - 1 - lag], tap.ndim)
     return self._finish(y, x.dtype)
 
   def init_state(self, batch, dtype=jnp.float32):
@@ -125,7 +130,7 @@ class ShortConv(nnx.Module):
 
   def state_after(self, x, lengths):
     """The decode state after the first ``lengths[b]`` tokens of ``x [B, T, C]``."""
-    idx = lengths[:, None] - (self.kernel_size - 1) + jnp.arange(self.kernel_size - 1)
+    idx = lengths[:, None] - (self.kernel_size - 1) + jnp.arange(self.kernel_size - 1)[None]
     taken = jnp.take_along_axis(x, jnp.clip(idx, 0, x.shape[1] - 1)[..., None], axis=1)
     return jnp.where((idx >= 0)[..., None], taken, 0).astype(x.dtype)
 

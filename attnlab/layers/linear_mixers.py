@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from attnlab.layers.common import (HeadLayerNorm, RMSNorm, ShortConv, dense, named_param,
-                                   rope)
+                                   rope, trailing)
 from attnlab.layers.config import MixerConfig
 from attnlab.layers.recurrent_base import RecurrentMixer
 from attnlab.ops import retention_gammas
@@ -237,8 +237,8 @@ class Mamba2(RecurrentMixer):
     _, _, dt = self._split(x)
     xs, b, c = jnp.split(conv_out, [inner, inner + n], axis=-1)
     xs = _heads(xs, h)
-    dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])
-    a = -jnp.exp(self.a_log[...].astype(jnp.float32))
+    dt = jax.nn.softplus(dt.astype(jnp.float32) + trailing(self.dt_bias[...], 3))
+    a = -jnp.exp(trailing(self.a_log[...].astype(jnp.float32), 3))
     shape = xs.shape[:3] + (n,)
     return {"q": jnp.broadcast_to(c[:, :, None], shape),
             "k": jnp.broadcast_to(b[:, :, None], shape),
@@ -246,7 +246,7 @@ class Mamba2(RecurrentMixer):
 
   def _output(self, o, x, f):
     z = self._split(x)[0]
-    y = o + f["x"] * self.d_skip[...][:, None].astype(o.dtype)
+    y = o + f["x"] * trailing(self.d_skip[...][:, None], 4).astype(o.dtype)
     y = y.reshape(o.shape[:2] + (-1,))
     return self.out_proj(self.norm(y * jax.nn.silu(z)))
 
@@ -311,6 +311,6 @@ class GatedDeltaNet(DeltaNet):
 
   def _features(self, x, conv_out, positions):
     f = super()._features(x, conv_out, positions)
-    dt = jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + self.dt_bias[...])
-    f["g"] = -jnp.exp(self.a_log[...].astype(jnp.float32)) * dt
+    dt = jax.nn.softplus(self.a_proj(x).astype(jnp.float32) + trailing(self.dt_bias[...], 3))
+    f["g"] = -jnp.exp(trailing(self.a_log[...].astype(jnp.float32), 3)) * dt
     return f

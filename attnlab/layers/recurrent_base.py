@@ -70,6 +70,10 @@ class RecurrentMixer(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     conv_in = self._conv_input(x)
+    if conv_in is not None and valid is not None:
+      # Padding is no history: in the backward pass of the bidirectional form the pads
+      # come first, and the convolution must see zeros there as at a sequence start.
+      conv_in = conv_in * valid[..., None].astype(conv_in.dtype)
     conv_out = conv_in if self.conv is None else self.conv(conv_in, segment_ids)
     f = self._features(x, conv_out, positions)
     if valid is not None:

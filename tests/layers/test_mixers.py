@@ -1,0 +1,148 @@
+"""Every mixer: prefill + decode == full forward, causality through gradients, packed
+documents == documents one by one, padding invariance, named parameters, bad configs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from attnlab import layers
+from attnlab.ops import masks
+
+WIDTH, HEADS = 32, 4
+MIXERS = layers.mixer_names()
+
+# (mixer, extra MixerConfig fields): each mixer with its defaults, plus the softmax
+# options that change the decode path.
+CASES = [(name, {}) for name in MIXERS] + [
+    ("softmax", {"num_kv_heads": 2, "qk_norm": True, "output_gate": True}),
+    ("softmax", {"position": "alibi", "sinks": True, "logits_soft_cap": 5.0}),
+    ("softmax", {"sliding_window": 4}),
+    ("softmax", {"mask": masks.ChunkedCausal(5), "position": "none"}),
+    ("softmax", {"mask": masks.StridedSparse(3)}),
+    ("deltanet", {"output_gate": True, "expand_v": 2}),
+    ("gla", {"conv_size": 0, "expand_k": 1}),
+]
+
+
+def _ids(case):
+  name, extra = case
+  return name + ("-" + "-".join(f"{k}={v}" for k, v in extra.items()) if extra else "")
+
+
+def _mixer(name, seed=0, **extra):
+  config = layers.MixerConfig(width=WIDTH, num_heads=HEADS, chunk_size=8, state_size=8,
+                              **extra)
+  return layers.make_mixer(name, config, rngs=nnx.Rngs(seed))
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_prefill_then_decode_matches_forward(case, rng):
+  """Right-padded prompts of different lengths (odd, across chunk and window edges), then
+  decoding one token per row, reproduce the full forward at every position."""
+  name, extra = case
+  mixer = _mixer(name, **extra)
+  x = jnp.asarray(rng.standard_normal((2, 23, WIDTH)), jnp.float32)
+  full = mixer(x)
+  lengths = jnp.array([9, 13])
+  y, cache = mixer.prefill(x[:, :13], lengths, max_len=23)
+  for b, n in enumerate((9, 13)):
+    assert _rel(y[b, :n], full[b, :n]) < 1e-5
+  positions = lengths
+  for _ in range(10):
+    x_t = jnp.take_along_axis(x, positions[:, None, None], axis=1)
+    y_t, cache = mixer.decode(x_t, cache, positions)
+    want = jnp.take_along_axis(full, positions[:, None, None], axis=1)
+    assert _rel(y_t, want) < 1e-5, positions
+    positions = positions + 1
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_causal_through_gradients(name, rng):
+  """The output at t has zero gradient with respect to every input after t."""
+  mixer = _mixer(name)
+  x = jnp.asarray(rng.standard_normal((1, 19, WIDTH)), jnp.float32)
+  t = 10
+  grad = jax.grad(lambda x: jnp.sum(mixer(x)[:, t] ** 2))(x)
+  assert np.all(np.asarray(grad[:, t + 1:]) == 0.0)
+  assert np.all(np.abs(np.asarray(grad[:, : t + 1])).sum(-1) > 0)
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_packed_documents_equal_documents_alone(name, rng):
+  mixer = _mixer(name)
+  sizes = (7, 1, 12)
+  x = jnp.asarray(rng.standard_normal((1, sum(sizes), WIDTH)), jnp.float32)
+  ids = jnp.asarray(np.repeat(np.arange(len(sizes)), sizes)[None], jnp.int32)
+  packed = mixer(x, segment_ids=ids)
+  start = 0
+  for n in sizes:
+    alone = mixer(x[:, start:start + n])
+    assert _rel(packed[:, start:start + n], alone) < 1e-5
+    start += n
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_non_causal_form_sees_both_sides_and_ignores_padding(name, rng):
+  mixer = _mixer(name, causal=False, position="none" if name == "softmax" else "rope")
+  x = jnp.asarray(rng.standard_normal((2, 17, WIDTH)), jnp.float32)
+  t = 5
+  grad = jax.grad(lambda x: jnp.sum(mixer(x)[0, t] ** 2))(x)
+  assert np.abs(np.asarray(grad[0, t + 1:])).sum() > 0  # the future matters
+  lengths = jnp.array([11, 17])
+  padded = mixer(x, lengths=lengths)
+  assert _rel(padded[0, :11], mixer(x[:1, :11])[0]) < 1e-5
+  assert _rel(padded[1], mixer(x[1:])[0]) < 1e-5
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_bfloat16_compute_tracks_float32(name, rng):
+  mixer32 = _mixer(name)
+  mixer16 = _mixer(name, dtype=jnp.bfloat16)
+  x = jnp.asarray(rng.standard_normal((2, 19, WIDTH)), jnp.float32)
+  y16 = mixer16(x.astype(jnp.bfloat16))
+  assert y16.dtype == jnp.bfloat16
+  assert _rel(y16, mixer32(x)) < 3e-2
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_every_parameter_has_logical_axis_names(name):
+  mixer = _mixer(name, qk_norm=True, output_gate=True, sinks=True)
+  params = nnx.state(mixer, nnx.Param)
+  leaves = jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+  assert leaves
+  for var in leaves:
+    names = var.get_metadata().get("out_sharding")
+    assert names is not None and len(names) == var[...].ndim, var
+    assert all(n is None or n in layers.LOGICAL_AXES for n in names), names
+
+
+def test_make_mixer_unknown_name_lists_the_mixers():
+  config = layers.MixerConfig(width=WIDTH, num_heads=HEADS)
+  with pytest.raises(ValueError, match="unknown mixer 'flash'.*gated_deltanet"):
+    layers.make_mixer("flash", config, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(width=30, num_heads=4), "num_heads=4 must divide width=30"),
+    (dict(width=32, num_heads=4, num_kv_heads=3), "num_kv_heads=3 must divide"),
+    (dict(width=32, num_heads=4, position="xpos"), "position must be one of"),
+    (dict(width=32, num_heads=4, sliding_window=0), "sliding_window must be >= 1"),
+    (dict(width=32, num_heads=4, mask="causal"), "mask must be a static mask"),
+])
+def test_bad_mixer_config_raises(fields, message):
+  with pytest.raises(ValueError, match=message):
+    layers.MixerConfig(**fields)
+
+
+def test_decoding_a_non_causal_mixer_raises(rng):
+  mixer = _mixer("gla", causal=False)
+  x = jnp.asarray(rng.standard_normal((1, 5, WIDTH)), jnp.float32)
+  with pytest.raises(ValueError, match="causal=False"):
+    mixer.prefill(x, jnp.array([5]), 8)
