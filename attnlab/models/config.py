@@ -22,8 +22,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 PAPER_PARAMS = {"125M": 125e6, "350M": 350e6, "1.3B": 1.3e9}
 
 _MIXER_FIELDS = {f.name for f in dataclasses.fields(MixerConfig)}
+# Model fields every mixer inherits; a layer may override those not in _FIXED.
 _SHARED = ("width", "num_heads", "num_kv_heads", "head_dim", "causal", "dtype",
            "param_dtype", "chunk_size", "implementation", "norm_eps")
+_FIXED = ("width", "causal", "dtype", "param_dtype")
 
 
 def _round_up(x, multiple):
@@ -93,17 +95,19 @@ class ModelConfig:
       if "mixer" not in spec or spec["mixer"] not in mixer_names():
         raise ValueError(f"ModelConfig.layers[{name!r}] must name a mixer, one of "
                          f"{mixer_names()}; got {dict(spec)}")
-      unknown = set(spec) - _MIXER_FIELDS - {"mixer"} | (set(spec) & set(_SHARED))
+      unknown = set(spec) - _MIXER_FIELDS - {"mixer"} | (set(spec) & set(_FIXED))
       if unknown:
         raise ValueError(f"ModelConfig.layers[{name!r}] has fields {sorted(unknown)} that "
                          f"a layer cannot set; allowed: "
-                         f"{sorted(_MIXER_FIELDS - set(_SHARED))}")
+                         f"{sorted(_MIXER_FIELDS - set(_FIXED))}")
     allowed = tuple(self.layer_configs()) + mixer_names()
     for name in self.pattern:
       if name not in allowed:
         raise ValueError(f"ModelConfig.pattern names an unknown layer {name!r}; allowed: "
                          f"layers {tuple(self.layer_configs())} or mixers {mixer_names()}")
-    self.layer_specs()  # builds every MixerConfig now, so their checks run here
+    for spec in self.layer_configs().values():
+      self._mixer(spec)  # builds every MixerConfig now, so their checks run here
+    self.layer_specs()
 
   def layer_configs(self) -> dict[str, dict[str, Any]]:
     """``layers`` as a dict of dicts."""
@@ -117,15 +121,16 @@ class ModelConfig:
   def num_repeats(self) -> int:
     return self.num_layers // len(self.pattern)
 
+  def _mixer(self, spec) -> tuple[str, MixerConfig]:
+    spec = dict(spec)
+    mixer = spec.pop("mixer")
+    shared = {name: getattr(self, name) for name in _SHARED}
+    return mixer, MixerConfig(**{**shared, **spec})
+
   def layer_specs(self) -> list[tuple[str, MixerConfig]]:
     """``(mixer name, MixerConfig)`` for each entry of the pattern."""
-    shared = {name: getattr(self, name) for name in _SHARED}
-    out = []
-    for entry in self.pattern:
-      spec = dict(self.layer_configs().get(entry, {"mixer": entry}))
-      mixer = spec.pop("mixer")
-      out.append((mixer, MixerConfig(**shared, **spec)))
-    return out
+    layers = self.layer_configs()
+    return [self._mixer(layers.get(entry, {"mixer": entry})) for entry in self.pattern]
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

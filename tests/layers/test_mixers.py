@@ -54,10 +54,11 @@ def test_prefill_then_decode_matches_forward(case, rng):
   y, cache = mixer.prefill(x[:, :13], lengths, max_len=23)
   for b, n in enumerate((9, 13)):
     assert _rel(y[b, :n], full[b, :n]) < 1e-5
+  decode = nnx.jit(lambda mixer, *args: mixer.decode(*args))
   positions = lengths
   for _ in range(10):
     x_t = jnp.take_along_axis(x, positions[:, None, None], axis=1)
-    y_t, cache = mixer.decode(x_t, cache, positions)
+    y_t, cache = decode(mixer, x_t, cache, positions)
     want = jnp.take_along_axis(full, positions[:, None, None], axis=1)
     assert _rel(y_t, want) < 1e-5, positions
     positions = positions + 1
@@ -108,7 +109,8 @@ def test_bfloat16_compute_tracks_float32(name, rng):
   x = jnp.asarray(rng.standard_normal((2, 19, WIDTH)), jnp.float32)
   y16 = mixer16(x.astype(jnp.bfloat16))
   assert y16.dtype == jnp.bfloat16
-  assert _rel(y16, mixer32(x)) < 3e-2
+  # bf16 rounds the input and every projection (2^-8 relative each): measured 0.5-1e-2.
+  assert _rel(y16, mixer32(x)) < 2e-2
 
 
 @pytest.mark.parametrize("name", MIXERS)
