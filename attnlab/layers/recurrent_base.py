@@ -133,6 +133,8 @@ class RecurrentMixer(nnx.Module):
       conv_out = y_c[:, None]
     f = self._features(x_t, conv_out, positions[:, None])
     _, step, gates = OPS[self.op]
-    o_t, new_cache["state"] = step(f["q"][:, 0], f["k"][:, 0], f["v"][:, 0],
-                                   *(f[g][:, 0] for g in gates), cache["state"], **self._op_kwargs())
+    first = {name: value[:, 0] for name, value in f.items()}
+    o_t, new_cache["state"] = step(first["q"], first["k"], first["v"],
+                                   *(first[g] for g in gates), cache["state"],
+                                   **self._op_kwargs())
     return self._output(o_t[:, None], x_t, f), new_cache

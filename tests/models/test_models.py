@@ -72,11 +72,44 @@ def test_scan_and_remat_compute_the_unrolled_model(rng):
   l_u, g_u = nnx.value_and_grad(loss)(unrolled)
   l_s, g_s = nnx.value_and_grad(loss)(scanned)
   assert abs(float(l_u) - float(l_s)) < 1e-6 * abs(float(l_u))
-  g_stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[g_u.stack.repeats[i] for i in range(config.num_repeats)])
+  g_stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                           *[g_u.stack.repeats[i] for i in range(config.num_repeats)])
   for a, b in zip(jax.tree.leaves(g_stacked), jax.tree.leaves(g_s.stack.repeats)):
     assert _rel(b, a) < MODEL_F32
   assert _rel(g_s.embedder.embed.embedding[...],
               g_u.embedder.embed.embedding[...]) < MODEL_F32
+
+
+@pytest.mark.parametrize("mixer", layers.mixer_names())
+def test_every_mixer_model_prefill_then_decode_matches_forward(mixer, rng):
+  config = models.ModelConfig(vocab_size=61, width=32, num_layers=1, num_heads=4,
+                              chunk_size=8, pattern=(mixer,))
+  model = models.DecoderLM(config, rngs=nnx.Rngs(0))
+  tokens = _tokens(rng, (2, 17))
+  full = model(tokens)
+  lengths = jnp.array([3, 9])
+  logits, cache = model.prefill(tokens[:, :9], lengths, max_len=17)
+  for b, n in enumerate((3, 9)):
+    assert _rel(logits[b, :n], full[b, :n]) < 1e-5
+  decode = nnx.jit(lambda model, *args: model.decode(*args))
+  positions = lengths
+  for _ in range(8):
+    step, cache = decode(model, jnp.take_along_axis(tokens, positions[:, None], 1)[:, 0],
+                         cache, positions)
+    assert _rel(step, jnp.take_along_axis(full, positions[:, None, None], 1)[:, 0]) < 1e-5
+    positions = positions + 1
+
+
+def test_every_model_parameter_has_logical_axis_names():
+  config = models.ModelConfig(**{**HYBRID, "tie_embeddings": False})
+  model = models.DecoderLM(config, rngs=nnx.Rngs(0))
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param),
+                           is_leaf=lambda v: isinstance(v, nnx.Variable))
+  names = {n for var in leaves for n in var.get_metadata()["out_sharding"]}
+  assert {"vocab", "embed", "heads", "kv_heads", "mlp", "head_dim"} <= names
+  assert names <= set(layers.LOGICAL_AXES) | {None}
+  for var in leaves:
+    assert len(var.get_metadata()["out_sharding"]) == var[...].ndim
 
 
 def test_jit_with_split_merge_equals_eager(rng):
