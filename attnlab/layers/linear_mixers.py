@@ -4,17 +4,17 @@
 mixer              op           layer
 =================  ===========  ===============================================================
 linear_attention   linear_attn  Katharopoulos et al. 2020, eqs. 6-7: phi = elu + 1, normalized
-retention          simple_gla   RetNet, Sun et al. 2023, eqs. 5 and 8-9: fixed per-head decay,
+retention          simple_gla   RetNet, Sun et al. 2023, §2.1-2.2: fixed per-head decay,
                                 rotation, GroupNorm and swish gate
 gla                gla          GLA, Yang et al. 2023, §4.4: low-rank sigmoid gate ** (1/16),
                                 LN and swish output gate
 hgrn2              gla          HGRN2, Qin et al. 2024, §3: forget gate f, input key 1 - f
 mamba2             simple_gla   Mamba-2, Dao & Gu 2024, §7 (Fig. 6): q = C, k = B, v = dt x,
                                 g = dt A, D skip, gated RMS norm
-deltanet           delta_rule   DeltaNet, Yang et al. 2024, §3.3: short conv, L2-normed q/k,
-                                sigmoid beta, output norm
-gated_deltanet     gated_delta  Gated DeltaNet, Yang et al. 2025, §3.3: Mamba-2 decay gate,
-                   _rule        sigmoid beta, gated output norm
+deltanet           delta_rule   DeltaNet, Yang et al. 2024 (its layer): short conv, L2-normed
+                                q/k, sigmoid beta, output norm
+gated_deltanet     gated_delta  Gated DeltaNet, Yang et al. 2025 (its layer): Mamba-2 decay
+                   _rule        gate, sigmoid beta, gated output norm
 =================  ===========  ===============================================================
 """
 

@@ -11,7 +11,7 @@ from attnlab.models.config import ModelConfig
 
 
 class SwiGLU(nnx.Module):
-  """``(silu(x W_gate) * x W_up) W_down`` (Shazeer 2020, eq. 5 "FFN_SwiGLU")."""
+  """``(silu(x W_gate) * x W_up) W_down`` (Shazeer 2020, "GLU Variants Improve Transformer", FFN_SwiGLU)."""
 
   def __init__(self, width, hidden, *, rngs, dtype, param_dtype):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
