@@ -1,0 +1,31 @@
+"""Data sources by name, from the ``data`` block of an experiment config."""
+
+from __future__ import annotations
+
+from attnlab.data.mqar import MQARConfig, mqar_batch
+from attnlab.data.text import TextFile
+
+SOURCES = ("mqar", "text_file")
+
+
+class MQAR:
+  """MQAR batches; the validation stream uses a different seed offset."""
+
+  def __init__(self, config: MQARConfig):
+    self.config = config
+    self.vocab_size = config.vocab_size
+
+  def batch(self, split: str, batch_size: int, seed: int, index: int) -> dict:
+    offset = 0 if split == "train" else 1_000_003
+    return mqar_batch(self.config, batch_size, seed + offset, index)
+
+
+def make_source(data):
+  """``data``: a ConfigDict/dict with ``name`` and the source's fields."""
+  name = data["name"]
+  if name == "mqar":
+    return MQAR(MQARConfig(vocab_size=data["vocab_size"], seq_len=data["seq_len"],
+                           num_kv_pairs=data["num_kv_pairs"], power_a=data["power_a"]))
+  if name == "text_file":
+    return TextFile(data["path"], data["seq_len"])
+  raise ValueError(f"unknown data.name={name!r}; choose one of {SOURCES}")
