@@ -11,6 +11,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # NaN is checked explicitly by every comparison (a NaN fails `err <= bound`); the
 # global jax_debug_nans flag was seen to stall the xdist workers of a loaded CI run.
 jax.config.update("jax_debug_nans", False)
+# The CPU client's asynchronous dispatch can hang a worker for good waiting on a result
+# (jax-ml/jax#25861; seen here as a worker parked in np.asarray at 92% of a run).
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 @pytest.fixture

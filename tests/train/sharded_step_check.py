@@ -14,6 +14,7 @@ from attnlab.data.mqar import MQARConfig, mqar_batch
 from attnlab.train import optim, sharding, step as step_lib
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_cpu_enable_async_dispatch", False)  # as tests/conftest.py
 
 
 def run(mesh):
