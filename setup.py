@@ -22,6 +22,7 @@ setuptools.setup(
         "absl-py",
         "ml-collections",
         "numpy",
+        "matplotlib",
     ],
     extras_require={
         "data": ["tensorflow-datasets", "array_record"],

@@ -8,12 +8,13 @@ from attnlab.layers.common import LOGICAL_AXES, RMSNorm, ShortConv, rope
 from attnlab.layers.config import MixerConfig
 from attnlab.layers.factory import make_mixer, mixer_class, mixer_names, register_mixer
 from attnlab.layers.linear_mixers import (GLA, HGRN2, DeltaNet, GatedDeltaNet,
-                                          LinearAttention, Mamba2, Retention)
+                                          LinearAttention, Mamba2, Retention, SimpleGLA)
 from attnlab.layers.recurrent_base import RecurrentMixer
 from attnlab.layers.softmax_attention import SoftmaxAttention
 
 __all__ = [
     "GLA", "HGRN2", "LOGICAL_AXES", "DeltaNet", "GatedDeltaNet", "LinearAttention",
     "Mamba2", "MixerConfig", "RMSNorm", "RecurrentMixer", "Retention", "ShortConv",
-    "SoftmaxAttention", "make_mixer", "mixer_class", "mixer_names", "register_mixer", "rope",
+    "SimpleGLA", "SoftmaxAttention", "make_mixer", "mixer_class", "mixer_names",
+    "register_mixer", "rope",
 ]

@@ -8,6 +8,9 @@ retention          simple_gla   RetNet, Sun et al. 2023, §2.1-2.2: fixed per-he
                                 rotation, GroupNorm and swish gate
 gla                gla          GLA, Yang et al. 2023, §4.4: low-rank sigmoid gate ** (1/16),
                                 LN and swish output gate
+simple_gla         simple_gla   GLA's layer with one scalar gate per head (Yang et al. 2023,
+                                the head-wise gate of its §4.4 discussion; RetNet with a
+                                data-dependent decay)
 hgrn2              gla          HGRN2, Qin et al. 2024, §3: forget gate f, input key 1 - f
 mamba2             simple_gla   Mamba-2, Dao & Gu 2024, §7 (Fig. 6): q = C, k = B, v = dt x,
                                 g = dt A, D skip, gated RMS norm
@@ -151,6 +154,25 @@ class GLA(RecurrentMixer):
   def _output(self, o, x, f):
     y = self.norm(o).reshape(o.shape[:2] + (-1,))
     return self.o_proj(jax.nn.silu(self.r_proj(x)) * y)
+
+
+class SimpleGLA(GLA):
+  """GLA with a scalar log gate per head and token, ``g = logsigmoid(x W_g + b) / 16``:
+  the state decays as a whole, ``S_t = exp(g_t) S_{t-1} + k_t v_t^T``."""
+
+  op = "simple_gla"
+
+  def __init__(self, config: MixerConfig, *, rngs: nnx.Rngs):
+    super().__init__(config, rngs=rngs)
+    kw = _kw(config, rngs)
+    self.gate_up = dense(config.gate_low_rank, self.num_heads, (None, "heads"),
+                         use_bias=True, **kw)
+
+  def _features(self, x, conv_out, positions):
+    f = super()._features(x, conv_out, positions)
+    logits = self.gate_up(self.gate_down(x)).astype(jnp.float32)
+    f["g"] = jax.nn.log_sigmoid(logits) / self.config.gate_normalizer
+    return f
 
 
 class HGRN2(RecurrentMixer):
