@@ -2,8 +2,9 @@
 
 ``config`` (an ``ml_collections.ConfigDict``, see ``configs/``) has the blocks ``model``
 (``ModelConfig`` fields), ``data`` (a source of ``attnlab.data.sources``), ``train``
-(optimizer, steps, periods) and ``mesh_shape``. Metrics go to stdout and to
-``workdir/metrics.csv``; checkpoints to ``workdir/checkpoints`` (a restarted run resumes
+(optimizer, steps, periods) and ``mesh_shape``. Metrics go to stdout (with a progress
+bar on a terminal), to ``workdir/metrics.csv`` and to TensorBoard event files in
+``workdir/tensorboard``; checkpoints to ``workdir/checkpoints`` (a restarted run resumes
 from the newest one and continues with the same batches).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import math
 import pathlib
+import sys
 import time
 
 import jax
@@ -23,6 +25,7 @@ from attnlab import models
 from attnlab.data.sources import make_source
 from attnlab.train import optim, sharding
 from attnlab.train.checkpoint import Checkpointer
+from attnlab.train.tensorboard import SummaryWriter
 from attnlab.train.step import create_train_state, make_eval_step, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -56,13 +59,17 @@ def _check_batch(config, mesh):
 
 
 class MetricsWriter:
-  """One CSV row per logged step (appending on resume) and a line on stdout."""
+  """One CSV row per logged step (appending on resume), the same scalars as TensorBoard
+  events, and a line on stdout."""
 
-  def __init__(self, path):
+  def __init__(self, path, tensorboard_dir=None):
     self.path = pathlib.Path(path)
     self.fields = None
+    self.tensorboard = SummaryWriter(tensorboard_dir) if tensorboard_dir else None
 
   def write(self, row: dict, quiet: bool = False):
+    if self.tensorboard is not None:
+      self.tensorboard.scalars(row["step"], {k: v for k, v in row.items() if k != "step"})
     new = not self.path.exists()
     if self.fields is None:
       self.fields = list(row)
@@ -74,6 +81,27 @@ class MetricsWriter:
     if not quiet:
       print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in row.items()), flush=True)
+
+
+class Progress:
+  """A one-line progress bar on stderr, redrawn in place; only on a terminal."""
+
+  def __init__(self, total: int, width: int = 30, enabled: bool | None = None):
+    self.total, self.width = total, width
+    self.enabled = sys.stderr.isatty() if enabled is None else enabled
+    self.start = time.perf_counter()
+
+  def update(self, done: int, loss: float | None = None):
+    if not self.enabled:
+      return
+    filled = self.width * done // max(self.total, 1)
+    rate = done / max(time.perf_counter() - self.start, 1e-9)
+    tail = "" if loss is None else f" loss {loss:.4f}"
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total}"
+                     f" {rate:.1f} steps/s{tail}")
+    if done == self.total:
+      sys.stderr.write("\n")
+    sys.stderr.flush()
 
 
 def evaluate(eval_step, state, source, config, mesh):
@@ -115,7 +143,8 @@ def run(config, workdir, *, quiet: bool = False, stop_after: int | None = None) 
   start, state = checkpointer.restore_latest(state)
   train_step = make_train_step(graph, shardings, mesh)
   eval_step = make_eval_step(graph, shardings, mesh)
-  writer = MetricsWriter(workdir / "metrics.csv")
+  writer = MetricsWriter(workdir / "metrics.csv", workdir / "tensorboard")
+  progress = Progress(t.steps * t.grad_accum_steps, enabled=False if quiet else None)
   micro_steps = t.steps * t.grad_accum_steps
   losses, last = [], time.perf_counter()
   tokens_per_batch = config.data.batch_size * config.data.seq_len
@@ -135,6 +164,7 @@ def run(config, workdir, *, quiet: bool = False, stop_after: int | None = None) 
         row.update(evaluate(eval_step, state, source, config, mesh))
       writer.write(row, quiet=quiet)
       losses.append(row["loss"])
+    progress.update(done, losses[-1] if losses else None)
     checkpointer.save(done, state, force=done == stop_after)
     if done == stop_after:
       break
