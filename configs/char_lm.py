@@ -49,16 +49,16 @@ def get_config(arg=None):
   config.data.batch_size = 64
 
   config.train = ml_collections.ConfigDict()
-  config.train.steps = 5000
+  config.train.steps = 600
   config.train.learning_rate = 1e-3
-  config.train.warmup_steps = 200
+  config.train.warmup_steps = 100
   config.train.weight_decay = 0.1
   config.train.clip_norm = 1.0
   config.train.grad_accum_steps = 1
-  config.train.log_every = 250
-  config.train.eval_every = 1000
-  config.train.eval_batches = 32
-  config.train.checkpoint_every = 1000
+  config.train.log_every = 100
+  config.train.eval_every = 100
+  config.train.eval_batches = 64
+  config.train.checkpoint_every = 300
   config.train.keep_checkpoints = 2
 
   if variant == "smoke":
