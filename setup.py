@@ -28,6 +28,7 @@ setuptools.setup(
         "data": ["tensorflow-datasets", "array_record"],
         "gpu": ["jax[cuda13]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
-        "dev": ["pytest", "pytest-xdist"],
+        "dev": ["pytest", "pytest-xdist", "tensorflow-datasets", "array_record", "nbclient",
+                "nbformat", "ipykernel"],
     },
 )

@@ -10,6 +10,9 @@ beside the repository; point ``--config.data.path`` at any UTF-8 or ASCII file):
       --config.model.pattern='("softmax",)'
   # CPU, seconds:
   python -m experiments.main --config=configs/char_lm.py:smoke --workdir=/tmp/char_smoke
+  # The same model on TFDS tiny_shakespeare (``tfds build tiny_shakespeare`` first; any
+  # TFDS text dataset works: --config.data.dataset=lm1b --config.data.eval_split=test)
+  python -m experiments.main --config=configs/char_lm.py:tfds --workdir=/tmp/char_tfds
 
 The first 90% of the file trains, the last 10% validates (``eval_loss`` in nats per byte).
 """
@@ -18,7 +21,7 @@ import pathlib
 
 import ml_collections
 
-VARIANTS = ("default", "smoke")
+VARIANTS = ("default", "smoke", "tfds")
 DEFAULT_TEXT = pathlib.Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 
 
@@ -60,6 +63,12 @@ def get_config(arg=None):
   config.train.eval_batches = 64
   config.train.checkpoint_every = 300
   config.train.keep_checkpoints = 2
+
+  if variant == "tfds":
+    config.data = ml_collections.ConfigDict(dict(
+        name="tfds_lm", dataset="tiny_shakespeare", text_feature="text",
+        train_split="train", eval_split="validation", data_dir=None,
+        seq_len=config.data.seq_len, batch_size=config.data.batch_size))
 
   if variant == "smoke":
     config.dtype = "float32"

@@ -5,7 +5,10 @@ The task of Zoology (Arora et al. 2023, §3) and the Based paper: a sequence ope
 as a query, followed by its value, at a gap drawn from a power law (short gaps likely,
 long ones possible). The model is scored on predicting the value right after each query
 key. Keys and values come from disjoint halves of the vocabulary; every other position
-holds a random token (noise the model must ignore).
+holds a random token of the value half (noise the model must ignore). Noise never
+repeats a key, so the answer is never ambiguous even with a small vocabulary (with
+noise from the whole vocabulary, a 128-token vocabulary would put some query's key
+among the noise of 40% of the rows).
 
 Batches are NumPy dicts, deterministic in ``(seed, index)``:
 ``inputs [B, T]`` int32, ``targets [B, T]`` int32 (the next token), ``weights [B, T]``
@@ -58,7 +61,7 @@ def mqar_batch(config: MQARConfig, batch_size: int, seed: int, index: int) -> di
   num_slots = (t - context) // 2
   probs = _gap_probabilities(num_slots, config.power_a)
 
-  inputs = rng.integers(0, config.vocab_size, (batch_size, t + 1))
+  inputs = rng.integers(half, config.vocab_size, (batch_size, t + 1))
   weights = np.zeros((batch_size, t + 1), np.float32)
   rows = np.arange(batch_size)[:, None]
   keys = np.argsort(rng.random((batch_size, half)), axis=1)[:, :n]  # distinct per row

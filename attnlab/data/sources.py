@@ -5,7 +5,7 @@ from __future__ import annotations
 from attnlab.data.mqar import MQARConfig, mqar_batch
 from attnlab.data.text import TextFile
 
-SOURCES = ("mqar", "text_file")
+SOURCES = ("mqar", "text_file", "tfds_lm", "tfds_classification")
 
 
 class MQAR:
@@ -28,4 +28,18 @@ def make_source(data):
                            num_kv_pairs=data["num_kv_pairs"], power_a=data["power_a"]))
   if name == "text_file":
     return TextFile(data["path"], data["seq_len"])
+  if name in ("tfds_lm", "tfds_classification"):
+    from attnlab.data import tfds_sources  # tensorflow-datasets only when asked for
+
+    data = dict(data)
+    common = dict(text_feature=data.get("text_feature", "text"),
+                  train_split=data.get("train_split", "train"),
+                  data_dir=data.get("data_dir"))
+    if name == "tfds_lm":
+      return tfds_sources.TFDSLanguageModel(
+          data.get("dataset"), data["seq_len"],
+          eval_split=data.get("eval_split", "validation"), **common)
+    return tfds_sources.TFDSClassification(
+        data.get("dataset"), data["seq_len"], label_feature=data.get("label_feature", "label"),
+        eval_split=data.get("eval_split", "test"), **common)
   raise ValueError(f"unknown data.name={name!r}; choose one of {SOURCES}")

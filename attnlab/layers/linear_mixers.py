@@ -59,7 +59,31 @@ def _conv(c, channels, default, rngs, use_bias=False):
                    param_dtype=c.param_dtype)
 
 
-class LinearAttention(RecurrentMixer):
+class _OptionalConvQKV:
+  """For mixers whose paper has no short convolution: with ``conv_size > 0`` the q, k, v
+  projections go through one (SiLU after it, as in DeltaNet), the ``use_short_conv``
+  option researchers add to any linear mixer."""
+
+  def _init_conv(self, c, rngs):
+    self.conv = _conv(c, 2 * self.num_heads * self.key_dim + self.num_heads * self.value_dim,
+                      0, rngs)
+
+  def _conv_input(self, x):
+    if self.conv is None:
+      return None
+    return jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+
+  def _raw_qkv(self, x, conv_out):
+    h = self.num_heads
+    if self.conv is None:
+      return (_heads(self.q_proj(x), h), _heads(self.k_proj(x), h),
+              _heads(self.v_proj(x), h))
+    hk = h * self.key_dim
+    q, k, v = jnp.split(conv_out, [hk, 2 * hk], axis=-1)
+    return _heads(q, h), _heads(k, h), _heads(v, h)
+
+
+class LinearAttention(_OptionalConvQKV, RecurrentMixer):
   """``o_t = phi(q_t)^T S_t / (phi(q_t)^T z_t)`` with ``phi = elu + 1`` (eqs. 6-7)."""
 
   op = "linear_attn"
@@ -73,6 +97,7 @@ class LinearAttention(RecurrentMixer):
     self.k_proj = dense(c.width, h * self.key_dim, ("embed", "heads"), **_kw(c, rngs))
     self.v_proj = dense(c.width, h * self.value_dim, ("embed", "heads"), **_kw(c, rngs))
     self.o_proj = dense(h * self.value_dim, c.width, ("heads", "embed"), **_kw(c, rngs))
+    self._init_conv(c, rngs)
 
   def _op_kwargs(self):
     return {"normalize": True, "feature_map": "identity"}
@@ -82,15 +107,14 @@ class LinearAttention(RecurrentMixer):
 
   def _features(self, x, conv_out, positions):
     phi = lambda a: jax.nn.elu(a) + 1.0
-    h = self.num_heads
-    return {"q": phi(_heads(self.q_proj(x), h)), "k": phi(_heads(self.k_proj(x), h)),
-            "v": _heads(self.v_proj(x), h)}
+    q, k, v = self._raw_qkv(x, conv_out)
+    return {"q": phi(q), "k": phi(k), "v": v}
 
   def _output(self, o, x, f):
     return self.o_proj(o.reshape(o.shape[:2] + (-1,)))
 
 
-class Retention(RecurrentMixer):
+class Retention(_OptionalConvQKV, RecurrentMixer):
   """Multi-scale retention: ``S_t = gamma_h S_{t-1} + k_t v_t^T`` with RoPE-rotated q, k
   (the paper's ``Theta``), ``Y = GroupNorm(o)``, ``y = (swish(x W_G) * Y) W_O``."""
 
@@ -108,20 +132,21 @@ class Retention(RecurrentMixer):
     self.g_proj = dense(c.width, h * self.value_dim, ("embed", "heads"), **kw)
     self.o_proj = dense(h * self.value_dim, c.width, ("heads", "embed"), **kw)
     self.norm = HeadLayerNorm(h, self.value_dim, eps=c.norm_eps)
+    self._init_conv(c, rngs)
 
   def _features(self, x, conv_out, positions):
     c, h = self.config, self.num_heads
-    q = rope(_heads(self.q_proj(x), h), positions, c.rope_base)
-    k = rope(_heads(self.k_proj(x), h), positions, c.rope_base)
+    q, k, v = self._raw_qkv(x, conv_out)
+    q, k = rope(q, positions, c.rope_base), rope(k, positions, c.rope_base)
     g = jnp.broadcast_to(jnp.asarray(retention_gammas(h), jnp.float32), q.shape[:3])
-    return {"q": q, "k": k, "v": _heads(self.v_proj(x), h), "g": g}
+    return {"q": q, "k": k, "v": v, "g": g}
 
   def _output(self, o, x, f):
     y = self.norm(o).reshape(o.shape[:2] + (-1,))
     return self.o_proj(jax.nn.silu(self.g_proj(x)) * y)
 
 
-class GLA(RecurrentMixer):
+class GLA(_OptionalConvQKV, RecurrentMixer):
   """Gated linear attention: ``alpha_t = sigmoid(x W_a1 W_a2 + b) ** (1 / 16)``,
   ``y = (swish(x W_r + b_r) * LN(o)) W_O`` (LN as an RMS norm per head)."""
 
@@ -143,13 +168,13 @@ class GLA(RecurrentMixer):
                         **kw)
     self.o_proj = dense(h * self.value_dim, c.width, ("heads", "embed"), **kw)
     self.norm = RMSNorm(self.value_dim, "head_dim", eps=c.norm_eps)
+    self._init_conv(c, rngs)
 
   def _features(self, x, conv_out, positions):
-    h = self.num_heads
     logits = self.gate_up(self.gate_down(x)).astype(jnp.float32)
     g = jax.nn.log_sigmoid(logits) / self.config.gate_normalizer
-    return {"q": _heads(self.q_proj(x), h), "k": _heads(self.k_proj(x), h),
-            "v": _heads(self.v_proj(x), h), "g": _heads(g, h)}
+    q, k, v = self._raw_qkv(x, conv_out)
+    return {"q": q, "k": k, "v": v, "g": _heads(g, self.num_heads)}
 
   def _output(self, o, x, f):
     y = self.norm(o).reshape(o.shape[:2] + (-1,))

@@ -1,5 +1,6 @@
 """Softmax attention layer: projections, GQA, RoPE / ALiBi, qk-norm, output gate, masks,
-sinks, soft cap, and a KV cache (a ring of ``sliding_window`` slots for windowed layers)."""
+sinks, soft cap, an optional short convolution on q, k, v, and a KV cache (a ring of
+``sliding_window`` slots for windowed layers)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnlab import ops
-from attnlab.layers.common import RMSNorm, dense, named_param, rope
+from attnlab.layers.common import RMSNorm, ShortConv, dense, named_param, rope
 from attnlab.layers.config import MixerConfig
 from attnlab.ops import masks as masks_lib
 
@@ -18,6 +19,9 @@ class SoftmaxAttention(nnx.Module):
 
   ``y = W_O concat_n(g_n * softmax(q_n k_n^T / sqrt(H) + bias) v_n)`` where ``g_n`` is
   the optional per-head sigmoid output gate of Qiu et al. 2025 (``g = sigmoid(x W_g)``).
+  With ``conv_size > 0`` the q, k, v projections first pass a causal depthwise
+  convolution and SiLU (as the linear mixers' ``conv_size``), which lets one layer see the
+  previous tokens: a key can carry the token before it, as an induction head needs.
   """
 
   op = "dot_product_attention"
@@ -35,13 +39,27 @@ class SoftmaxAttention(nnx.Module):
     self.gate_proj = dense(d, n, ("embed", "heads"), **kw) if c.output_gate else None
     self.sinks = (named_param(jnp.zeros((n,), c.param_dtype), ("heads",))
                   if c.sinks else None)
+    self.conv = (ShortConv((n + 2 * k) * h, c.conv_size, rngs=rngs,
+                           param_dtype=c.param_dtype) if c.conv_size else None)
 
-  def _qkv(self, x, positions):
+  def _projections(self, x):
+    """``[B, T, (N + 2K) H]``: q, k and v projections side by side (the conv's input)."""
+    return jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+
+  def _qkv(self, x, positions, segment_ids=None, conv_out=None):
+    """q, k, v ``[B, T, *, H]``; ``conv_out`` given (decode) skips the convolution."""
     c = self.config
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, c.num_heads, c.dim)
-    k = self.k_proj(x).reshape(b, t, c.kv_heads, c.dim)
-    v = self.v_proj(x).reshape(b, t, c.kv_heads, c.dim)
+    if self.conv is None:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    else:
+      if conv_out is None:
+        conv_out = self.conv(self._projections(x), segment_ids)
+      q, k, v = jnp.split(conv_out, [c.num_heads * c.dim, (c.num_heads + c.kv_heads) * c.dim],
+                          axis=-1)
+    q = q.reshape(b, t, c.num_heads, c.dim)
+    k = k.reshape(b, t, c.kv_heads, c.dim)
+    v = v.reshape(b, t, c.kv_heads, c.dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if c.position == "rope":
@@ -74,7 +92,7 @@ class SoftmaxAttention(nnx.Module):
     b, t, _ = x.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    q, k, v = self._qkv(x, positions)
+    q, k, v = self._qkv(x, positions, segment_ids)
     slopes = self._alibi_slopes()
     bias = None if slopes is None else masks_lib.Alibi(slopes)
     o = ops.dot_product_attention(
@@ -94,7 +112,10 @@ class SoftmaxAttention(nnx.Module):
     c = self.config
     slots = self.cache_len(max_len)
     kv = jnp.zeros((batch, slots, c.kv_heads, c.dim), c.dtype)
-    return {"k": kv, "v": kv, "pos": jnp.full((batch, slots), -1, jnp.int32)}
+    cache = {"k": kv, "v": kv, "pos": jnp.full((batch, slots), -1, jnp.int32)}
+    if self.conv is not None:
+      cache["conv"] = self.conv.init_state(batch, c.dtype)
+    return cache
 
   def prefill(self, x, lengths, max_len):
     """Run the prompts ``x [B, T, D]`` (row b valid up to ``lengths[b]``) and return
@@ -112,14 +133,22 @@ class SoftmaxAttention(nnx.Module):
     idx = jnp.clip(pos, 0, t - 1)[..., None, None]
     k_cache = jnp.where((pos >= 0)[..., None, None], jnp.take_along_axis(k, idx, 1), 0)
     v_cache = jnp.where((pos >= 0)[..., None, None], jnp.take_along_axis(v, idx, 1), 0)
-    return y, {"k": k_cache.astype(self.config.dtype),
-               "v": v_cache.astype(self.config.dtype), "pos": pos}
+    cache = {"k": k_cache.astype(self.config.dtype),
+             "v": v_cache.astype(self.config.dtype), "pos": pos}
+    if self.conv is not None:
+      cache["conv"] = self.conv.state_after(self._projections(x), lengths).astype(
+          self.config.dtype)
+    return y, cache
 
   def decode(self, x_t, cache, positions):
     """One token per row: ``x_t [B, 1, D]`` at ``positions [B]`` -> ``(y_t, cache)``."""
     self._check_decoder()
     c = self.config
-    q, k, v = self._qkv(x_t, positions[:, None])
+    conv_out, new_conv = None, None
+    if self.conv is not None:
+      y_c, new_conv = self.conv.step(self._projections(x_t)[:, 0], cache["conv"])
+      conv_out = y_c[:, None]
+    q, k, v = self._qkv(x_t, positions[:, None], conv_out=conv_out)
     slots = cache["pos"].shape[1]
     write = (jnp.arange(slots)[None] == (positions % slots)[:, None])
     k_cache = jnp.where(write[..., None, None], k.astype(cache["k"].dtype), cache["k"])
@@ -139,7 +168,10 @@ class SoftmaxAttention(nnx.Module):
         q, k_cache, v_cache, bias=bias, mask=allowed[:, None, None, :],
         logits_soft_cap=c.logits_soft_cap, sinks=self._sinks(),
         implementation=c.implementation)
-    return self._output(o, x_t), {"k": k_cache, "v": v_cache, "pos": pos}
+    new_cache = {"k": k_cache, "v": v_cache, "pos": pos}
+    if new_conv is not None:
+      new_cache["conv"] = new_conv
+    return self._output(o, x_t), new_cache
 
   def _check_decoder(self):
     if not self.config.causal:

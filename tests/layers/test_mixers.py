@@ -23,7 +23,19 @@ CASES = [(name, {}) for name in MIXERS] + [
     ("softmax", {"mask": masks.StridedSparse(3)}),
     ("deltanet", {"output_gate": True, "expand_v": 2}),
     ("gla", {"conv_size": 0, "expand_k": 1}),
+] + [
+    # The optional short convolution of mixers whose paper has none.
+    ("softmax", {"conv_size": 4}),
+    ("softmax", {"conv_size": 3, "num_kv_heads": 2, "qk_norm": True}),
+    ("linear_attention", {"conv_size": 4}),
+    ("retention", {"conv_size": 3}),
+    ("simple_gla", {"conv_size": 4}),
+    ("gla", {"conv_size": 2}),
 ]
+# Each mixer as it is, then with a short convolution where that is an option.
+PLAIN_AND_CONV = [(name, {}) for name in MIXERS] + [
+    (name, {"conv_size": 4}) for name in ("softmax", "linear_attention", "retention",
+                                          "simple_gla", "gla")]
 
 
 def _ids(case):
@@ -64,10 +76,11 @@ def test_prefill_then_decode_matches_forward(case, rng):
     positions = positions + 1
 
 
-@pytest.mark.parametrize("name", MIXERS)
-def test_causal_through_gradients(name, rng):
+@pytest.mark.parametrize("case", PLAIN_AND_CONV, ids=_ids)
+def test_causal_through_gradients(case, rng):
   """The output at t has zero gradient with respect to every input after t."""
-  mixer = _mixer(name)
+  name, extra = case
+  mixer = _mixer(name, **extra)
   x = jnp.asarray(rng.standard_normal((1, 19, WIDTH)), jnp.float32)
   t = 10
   grad = jax.grad(lambda x: jnp.sum(mixer(x)[:, t] ** 2))(x)
@@ -75,9 +88,10 @@ def test_causal_through_gradients(name, rng):
   assert np.all(np.abs(np.asarray(grad[:, : t + 1])).sum(-1) > 0)
 
 
-@pytest.mark.parametrize("name", MIXERS)
-def test_packed_documents_equal_documents_alone(name, rng):
-  mixer = _mixer(name)
+@pytest.mark.parametrize("case", PLAIN_AND_CONV, ids=_ids)
+def test_packed_documents_equal_documents_alone(case, rng):
+  name, extra = case
+  mixer = _mixer(name, **extra)
   sizes = (7, 1, 12)
   x = jnp.asarray(rng.standard_normal((1, sum(sizes), WIDTH)), jnp.float32)
   ids = jnp.asarray(np.repeat(np.arange(len(sizes)), sizes)[None], jnp.int32)
