@@ -1,4 +1,4 @@
-# `make run` runs the main job (the CPU-sized benchmark); `make test` runs the tests.
+# `make run` runs the main job (the MQAR study, minutes on CPU); `make test` runs the tests.
 # Both build .venv on first use; the stamp file keeps later runs from reinstalling
 # until setup.py changes.
 
@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run test clean
 
 run: $(STAMP)
-	$(VENV_PYTHON) -m experiments.benchmark --config=configs/benchmark.py:smoke
+	$(VENV_PYTHON) -m experiments.mqar_study --config=configs/mqar_study.py --workdir=runs/mqar_study
 
 test: $(STAMP)
 	$(VENV_PYTHON) -m pytest tests -q -n 2

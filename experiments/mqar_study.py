@@ -20,7 +20,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   settings = {name: value.to_dict() for name, value in config.settings.items()}
-  results = mqar_study.study(config, settings, config.mixers, _WORKDIR.value)
+  options = config.get("mixer_options")
+  results = mqar_study.study(config, settings, config.mixers, _WORKDIR.value,
+                             mixer_options=None if options is None else options.to_dict())
   print(mqar_study.table(results))
   png = pathlib.Path(_WORKDIR.value) / "mqar.png"
   mqar_study.plot(results, png)

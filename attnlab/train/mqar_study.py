@@ -14,9 +14,20 @@ CORE_MIXERS = ("softmax", "linear_attention", "retention", "simple_gla", "gla", 
                "gated_deltanet")
 
 
-def study(base, settings: dict, mixers, workdir, *, log=print) -> list[dict]:
+def mixer_layers(mixer: str, options) -> dict:
+  """``model.layers`` for a one-mixer model: ``options["all"]`` then ``options[mixer]``
+  (MixerConfig fields), or no entry when neither says anything."""
+  options = dict(options or {})
+  fields = {**dict(options.get("all", {})), **dict(options.get(mixer, {}))}
+  return {mixer: {"mixer": mixer, **fields}} if fields else {}
+
+
+def study(base, settings: dict, mixers, workdir, *, mixer_options=None,
+          log=print) -> list[dict]:
   """Train ``base`` with ``model.pattern = (mixer,)`` for each mixer and each setting
-  (``name -> {"data": {"<field>": value}, ...}``). Returns one result dict per run."""
+  (``name -> {"data": {"<field>": value}, ...}``); ``mixer_options`` (see
+  :func:`mixer_layers`) adds MixerConfig fields per mixer. Returns one result dict per
+  run."""
   workdir = pathlib.Path(workdir)
   results = []
   for setting, overrides in settings.items():
@@ -27,6 +38,9 @@ def study(base, settings: dict, mixers, workdir, *, log=print) -> list[dict]:
         for field, value in dict(fields).items():
           config[block][field] = value
       config.model.pattern = (mixer,)
+      layers = mixer_layers(mixer, mixer_options)
+      if layers:
+        config.model.layers = layers
       start = time.perf_counter()
       out = run(config, workdir / setting / mixer, quiet=True)
       result = {"setting": setting, "mixer": mixer, "accuracy": out["eval_accuracy"],

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import jax
 import optax
+
+
+def decay_mask(params):
+  """Weight decay on matrices only: biases, norm scales and the per-head decay
+  parameters (Mamba-2's ``A_log`` and ``dt_bias``, whose shrinking toward zero would
+  make a gated layer forget faster) are left alone, as in Mamba and GPT-2 training."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
 def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int,
@@ -20,7 +28,8 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int,
       init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
       decay_steps=total_steps, end_value=learning_rate * final_lr_fraction)
   tx = optax.chain(optax.clip_by_global_norm(clip_norm),
-                   optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+                   optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay,
+                               mask=decay_mask))
   if grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps)
   return tx
