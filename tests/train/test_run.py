@@ -68,11 +68,11 @@ def test_resumed_run_continues_bit_for_bit(tmp_path):
 def test_training_lowers_the_loss(tmp_path):
   config = _smoke()
   config.train.steps = 60
-  config.train.log_every = 20
+  config.train.log_every = 5
   config.train.learning_rate = 1e-2
   result = run(config, tmp_path, quiet=True)
   losses = result["train_losses"]
-  assert losses[-1] < losses[0] - 0.3, losses  # measured: 4.51 -> 4.03
+  assert losses[-1] < losses[0] - 0.5, losses  # measured: 4.88 at step 5 -> 4.07 at 60
 
 
 @pytest.mark.parametrize("field, value, message", [
