@@ -38,6 +38,11 @@ class MixerConfig:
       mixers; None = the paper's default).
     conv_size: short causal convolution width (0 = none; None = the paper's default).
     state_size: Mamba-2's state dim N.
+    dt_min, dt_max: Mamba-2 / Gated DeltaNet step-size init: ``softplus(dt_bias)`` is
+      log-uniform in ``[dt_min, dt_max]``.
+    a_init_range: Mamba-2 / Gated DeltaNet decay-rate init: ``-A = exp(A_log)`` uniform in
+      this range. The log gate per token starts at ``-dt * (-A)``; a smaller ``dt_max`` or
+      range starts the layer with a longer memory.
     mamba_expand: Mamba-2's inner width as a multiple of ``width``.
     gate_low_rank: GLA's low-rank gate projection rank.
     gate_normalizer: GLA's gate temperature (the log gate is divided by it).
@@ -65,6 +70,9 @@ class MixerConfig:
   expand_v: float | None = None
   conv_size: int | None = None
   state_size: int = 64
+  dt_min: float = 1e-3
+  dt_max: float = 0.1
+  a_init_range: tuple[float, float] = (1.0, 16.0)
   mamba_expand: int = 2
   gate_low_rank: int = 16
   gate_normalizer: float = 16.0
@@ -93,6 +101,13 @@ class MixerConfig:
                                       and self.mask.is_static):
       raise ValueError("MixerConfig.mask must be a static mask of attnlab.ops.masks "
                        f"(Causal, LocalWindow, ChunkedCausal, ...), got {self.mask!r}")
+    if not 0 < self.dt_min <= self.dt_max:
+      raise ValueError(f"MixerConfig.dt_min, dt_max must satisfy 0 < dt_min <= dt_max, got "
+                       f"{self.dt_min}, {self.dt_max}")
+    lo, hi = self.a_init_range
+    if not 0 < lo <= hi:
+      raise ValueError(f"MixerConfig.a_init_range must be (lo, hi) with 0 < lo <= hi, got "
+                       f"{self.a_init_range!r}")
     if self.conv_size is not None and self.conv_size < 0:
       raise ValueError(f"MixerConfig.conv_size must be >= 0, got {self.conv_size}")
 

@@ -239,9 +239,10 @@ def _dt_bias(rngs, num_heads, dt_min=1e-3, dt_max=0.1):
   return dt + jnp.log(-jnp.expm1(-dt))  # the inverse of softplus
 
 
-def _a_log(rngs, num_heads):
-  """Mamba-2's ``A = -exp(A_log)`` with ``-A`` uniform in [1, 16]."""
-  return jnp.log(jax.random.uniform(rngs.params(), (num_heads,), minval=1.0, maxval=16.0))
+def _a_log(rngs, num_heads, a_init_range=(1.0, 16.0)):
+  """Mamba-2's ``A = -exp(A_log)`` with ``-A`` uniform in ``a_init_range``."""
+  lo, hi = a_init_range
+  return jnp.log(jax.random.uniform(rngs.params(), (num_heads,), minval=lo, maxval=hi))
 
 
 class Mamba2(RecurrentMixer):
@@ -263,8 +264,8 @@ class Mamba2(RecurrentMixer):
     kw = _kw(c, rngs)
     self.in_proj = dense(c.width, 2 * inner + 2 * n + h, ("embed", "heads"), **kw)
     self.conv = _conv(c, inner + 2 * n, 4, rngs, use_bias=True)
-    self.dt_bias = named_param(_dt_bias(rngs, h), ("heads",))
-    self.a_log = named_param(_a_log(rngs, h), ("heads",))
+    self.dt_bias = named_param(_dt_bias(rngs, h, c.dt_min, c.dt_max), ("heads",))
+    self.a_log = named_param(_a_log(rngs, h, tuple(c.a_init_range)), ("heads",))
     self.d_skip = named_param(jnp.ones((h,), c.param_dtype), ("heads",))
     self.norm = RMSNorm(inner, "heads", eps=c.norm_eps)
     self.out_proj = dense(inner, c.width, ("heads", "embed"), **kw)
@@ -320,8 +321,8 @@ class DeltaNet(RecurrentMixer):
     self.beta_proj = dense(c.width, h, ("embed", "heads"), **kw)
     if gated:
       self.a_proj = dense(c.width, h, ("embed", "heads"), **kw)
-      self.dt_bias = named_param(_dt_bias(rngs, h), ("heads",))
-      self.a_log = named_param(_a_log(rngs, h), ("heads",))
+      self.dt_bias = named_param(_dt_bias(rngs, h, c.dt_min, c.dt_max), ("heads",))
+      self.a_log = named_param(_a_log(rngs, h, tuple(c.a_init_range)), ("heads",))
     self.g_proj = (dense(c.width, hv, ("embed", "heads"), **kw)
                    if gated or c.output_gate else None)
     self.norm = RMSNorm(self.value_dim, "head_dim", eps=c.norm_eps)

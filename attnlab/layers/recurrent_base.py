@@ -43,9 +43,15 @@ class RecurrentMixer(nnx.Module):
 
   op: str = ""
   conv = None
+  forms = ("causal", "non_causal")
 
   def _op_kwargs(self) -> dict:
     return {}
+
+  def _op_functions(self):
+    """``(whole-sequence op, decode step, gate argument names)``; a subclass that runs an
+    op outside :data:`OPS` (a feature-map attention, say) overrides this."""
+    return OPS[self.op]
 
   def _conv_input(self, x):
     """``[B, T, C]`` channels the short convolution sees, or None."""
@@ -78,7 +84,7 @@ class RecurrentMixer(nnx.Module):
     f = self._features(x, conv_out, positions)
     if valid is not None:
       f = _mask_features(f, valid)
-    fn, _, gates = OPS[self.op]
+    fn, _, gates = self._op_functions()
     o, state = fn(f["q"], f["k"], f["v"], *(f[g] for g in gates),
                   segment_ids=segment_ids, output_final_state=output_final_state,
                   chunk_size=self.config.chunk_size,
@@ -132,7 +138,7 @@ class RecurrentMixer(nnx.Module):
       y_c, new_cache["conv"] = self.conv.step(conv_in[:, 0], cache["conv"])
       conv_out = y_c[:, None]
     f = self._features(x_t, conv_out, positions[:, None])
-    _, step, gates = OPS[self.op]
+    _, step, gates = self._op_functions()
     first = {name: value[:, 0] for name, value in f.items()}
     o_t, new_cache["state"] = step(first["q"], first["k"], first["v"],
                                    *(first[g] for g in gates), cache["state"],

@@ -3,7 +3,13 @@
 ``mechanisms()`` lists the registered names, ``implementations(name)`` the tiers of one.
 """
 
-from attnlab.ops import masks
+from attnlab.ops import (agent_attention, feature_map_attention, learned_feature_maps,
+                         low_rank, masks, transnormer)
+from attnlab.ops.agent_attention import *  # noqa: F401,F403  (their __all__)
+from attnlab.ops.feature_map_attention import *  # noqa: F401,F403
+from attnlab.ops.learned_feature_maps import *  # noqa: F401,F403
+from attnlab.ops.low_rank import *  # noqa: F401,F403
+from attnlab.ops.transnormer import *  # noqa: F401,F403
 from attnlab.ops.linear_attention import (delta_rule, delta_rule_step, gated_delta_rule,
                                           gated_delta_rule_step, gla, gla_step,
                                           linear_attn, linear_attn_step, retention,
@@ -18,4 +24,5 @@ __all__ = [
     "gated_delta_rule", "gated_delta_rule_step", "gla", "gla_step", "implementations",
     "linear_attn", "linear_attn_step", "masks", "mechanisms", "retention",
     "retention_gammas", "retention_step", "simple_gla", "simple_gla_step",
-]
+] + [name for module in (agent_attention, feature_map_attention, learned_feature_maps,
+                         low_rank, transnormer) for name in module.__all__]

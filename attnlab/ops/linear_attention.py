@@ -71,7 +71,20 @@ class LinearCall:
               chunk_size=self.chunk_size)
 
 
+_PAPERS = {
+    "linear_attn": "Katharopoulos et al. 2020, Transformers are RNNs",
+    "retention": "Sun et al. 2023, Retentive Network (RetNet)",
+    "simple_gla": "Yang et al. 2023, GLA (head-wise gate); Dao & Gu 2024, Mamba-2 (SSD)",
+    "gla": "Yang et al. 2023, Gated Linear Attention Transformers",
+    "delta_rule": "Schlag et al. 2021; Yang et al. 2024, Parallelizing Linear "
+                  "Transformers with the Delta Rule",
+    "gated_delta_rule": "Yang et al. 2025, Gated Delta Networks",
+}
+
 for _name in MECHANISMS:
+  registry.describe(_name, registry.MechanismInfo(
+      paper=_PAPERS[_name], family="gated linear", causal=True, non_causal=False,
+      state="K x V", cost="O(T C (K + V)) chunked, C = chunk size", step=_name + "_step"))
   registry.register(_name, registry.Implementation(
       "reference", linear_recurrence_reference, priority=0, automatic=False))
   registry.register(_name, registry.Implementation(

@@ -44,7 +44,57 @@ class Implementation:
   automatic: bool = True
 
 
+@dataclasses.dataclass(frozen=True)
+class MechanismInfo:
+  """What ``docs/catalog.md`` says of one mechanism (one row, generated from here).
+
+  Attributes:
+    paper: the paper (title or short citation) whose equations the reference follows.
+    family: the catalog family, one of :data:`FAMILIES`.
+    causal: whether a causal (decoder) form exists.
+    non_causal: whether a non-causal (bidirectional / encoder) form exists.
+    state: what a decoder carries per head between tokens (``"K x V"``, ``"KV cache
+      (T x (K + V))"``, ...), or ``"-"`` without a decode step.
+    cost: time in the sequence length T of the ``xla`` tier (``"O(T)"``, ``"O(T^2)"``,
+      ``"O(T w)"``), with the per-token factor where it helps.
+    step: the name of the decode-step function in ``attnlab.ops``, or None.
+  """
+
+  paper: str
+  family: str
+  causal: bool
+  non_causal: bool
+  state: str
+  cost: str
+  step: str | None = None
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+    if not (self.causal or self.non_causal):
+      raise ValueError("a mechanism needs a causal or a non-causal form")
+
+
+# The families of ../shared/CATALOG.md, in its order.
+FAMILIES = ("softmax", "gated linear", "feature map", "low rank", "sparse", "hybrid")
+
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
+_INFO: dict[str, MechanismInfo] = {}
+
+
+def describe(mechanism: str, info: MechanismInfo) -> None:
+  """Record the catalog row of ``mechanism`` (once)."""
+  if mechanism in _INFO:
+    raise ValueError(f"{mechanism!r} is already described")
+  _INFO[mechanism] = info
+
+
+def info(mechanism: str) -> MechanismInfo:
+  """The catalog row of a registered mechanism."""
+  _tiers(mechanism)
+  if mechanism not in _INFO:
+    raise ValueError(f"mechanism {mechanism!r} has no MechanismInfo; call describe()")
+  return _INFO[mechanism]
 
 
 def register(mechanism: str, impl: Implementation) -> None:

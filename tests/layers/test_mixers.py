@@ -12,10 +12,13 @@ from attnlab.ops import masks
 
 WIDTH, HEADS = 32, 4
 MIXERS = layers.mixer_names()
+CAUSAL = [n for n in MIXERS if "causal" in layers.mixer_forms(layers.mixer_class(n))]
+NON_CAUSAL = [n for n in MIXERS
+              if "non_causal" in layers.mixer_forms(layers.mixer_class(n))]
 
 # (mixer, extra MixerConfig fields): each mixer with its defaults, plus the softmax
 # options that change the decode path.
-CASES = [(name, {}) for name in MIXERS] + [
+CASES = [(name, {}) for name in CAUSAL] + [
     ("softmax", {"num_kv_heads": 2, "qk_norm": True, "output_gate": True}),
     ("softmax", {"position": "alibi", "sinks": True, "logits_soft_cap": 5.0}),
     ("softmax", {"sliding_window": 4}),
@@ -33,7 +36,7 @@ CASES = [(name, {}) for name in MIXERS] + [
     ("gla", {"conv_size": 2}),
 ]
 # Each mixer as it is, then with a short convolution where that is an option.
-PLAIN_AND_CONV = [(name, {}) for name in MIXERS] + [
+PLAIN_AND_CONV = [(name, {}) for name in CAUSAL] + [
     (name, {"conv_size": 4}) for name in ("softmax", "linear_attention", "retention",
                                           "simple_gla", "gla")]
 
@@ -103,7 +106,7 @@ def test_packed_documents_equal_documents_alone(case, rng):
     start += n
 
 
-@pytest.mark.parametrize("name", MIXERS)
+@pytest.mark.parametrize("name", NON_CAUSAL)
 def test_non_causal_form_sees_both_sides_and_ignores_padding(name, rng):
   mixer = _mixer(name, causal=False, position="none" if name == "softmax" else "rope")
   x = jnp.asarray(rng.standard_normal((2, 17, WIDTH)), jnp.float32)
@@ -116,10 +119,14 @@ def test_non_causal_form_sees_both_sides_and_ignores_padding(name, rng):
   assert _rel(padded[1], mixer(x[1:])[0]) < 1e-5
 
 
+def _default_form(name):
+  return {} if name in CAUSAL else {"causal": False}
+
+
 @pytest.mark.parametrize("name", MIXERS)
 def test_bfloat16_compute_tracks_float32(name, rng):
-  mixer32 = _mixer(name)
-  mixer16 = _mixer(name, dtype=jnp.bfloat16)
+  mixer32 = _mixer(name, **_default_form(name))
+  mixer16 = _mixer(name, dtype=jnp.bfloat16, **_default_form(name))
   x = jnp.asarray(rng.standard_normal((2, 19, WIDTH)), jnp.float32)
   y16 = mixer16(x.astype(jnp.bfloat16))
   assert y16.dtype == jnp.bfloat16
@@ -129,7 +136,7 @@ def test_bfloat16_compute_tracks_float32(name, rng):
 
 @pytest.mark.parametrize("name", MIXERS)
 def test_every_parameter_has_logical_axis_names(name):
-  mixer = _mixer(name, qk_norm=True, output_gate=True, sinks=True)
+  mixer = _mixer(name, qk_norm=True, output_gate=True, sinks=True, **_default_form(name))
   params = nnx.state(mixer, nnx.Param)
   leaves = jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nnx.Variable))
   assert leaves
@@ -155,6 +162,17 @@ def test_make_mixer_unknown_name_lists_the_mixers():
 def test_bad_mixer_config_raises(fields, message):
   with pytest.raises(ValueError, match=message):
     layers.MixerConfig(**fields)
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_a_missing_form_raises(name):
+  forms = layers.mixer_forms(layers.mixer_class(name))
+  for causal in (True, False):
+    config = layers.MixerConfig(width=WIDTH, num_heads=HEADS, causal=causal)
+    if ("causal" if causal else "non_causal") in forms:
+      continue
+    with pytest.raises(ValueError, match=f"no {'causal' if causal else 'non_causal'} form"):
+      layers.make_mixer(name, config, rngs=nnx.Rngs(0))
 
 
 def test_decoding_a_non_causal_mixer_raises(rng):

@@ -1,0 +1,3 @@
+"""Mixers of the feature-map linear attentions. (Being written.)"""
+
+MIXERS = {}

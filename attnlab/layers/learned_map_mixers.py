@@ -1,0 +1,3 @@
+"""Mixers of Hedgehog, Based and TransNormer. (Being written.)"""
+
+MIXERS = {}

@@ -1,0 +1,3 @@
+"""Mixers of Linformer, Nystromformer and agent attention. (Being written.)"""
+
+MIXERS = {}

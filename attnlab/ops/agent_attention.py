@@ -1,0 +1,3 @@
+"""Agent attention: two softmax attentions through A agent tokens. (Being written.)"""
+
+__all__ = []

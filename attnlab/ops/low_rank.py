@@ -1,0 +1,4 @@
+"""Low-rank approximations of softmax attention: Linformer and Nystromformer.
+(Being written.)"""
+
+__all__ = []

@@ -1,0 +1,4 @@
+"""TransNormer ("The Devil in Linear Transformer"): NormAttention and DiagAttention.
+(Being written.)"""
+
+__all__ = []
