@@ -27,7 +27,9 @@ class MixerConfig:
     rope_base: RoPE base frequency.
     qk_norm: RMS-normalize q and k per head before RoPE (softmax).
     output_gate: softmax: a sigmoid gate per head on the attention output (Qiu et al.
-      2025, "Gated Attention for LLMs"); linear mixers: their paper's output gate.
+      2025, "Gated Attention for LLMs"); DeltaNet / Gated DeltaNet: the swish gate of the
+      output norm, ``RMSNorm(o) * silu(x W_g)``. None = the paper's default (on for Gated
+      DeltaNet, off otherwise).
     sliding_window: a query sees the last ``w`` keys, itself included (causal) or keys
       within ``w - 1`` positions (non-causal); the decode cache is a ring of ``w`` slots.
     mask: any extra static mask of ``attnlab.ops.masks`` (``ChunkedCausal(c)``,
@@ -61,7 +63,7 @@ class MixerConfig:
   position: str = "rope"
   rope_base: float = 10000.0
   qk_norm: bool = False
-  output_gate: bool = False
+  output_gate: bool | None = None
   sliding_window: int | None = None
   mask: Any = None
   logits_soft_cap: float | None = None
@@ -104,6 +106,7 @@ class MixerConfig:
     if not 0 < self.dt_min <= self.dt_max:
       raise ValueError(f"MixerConfig.dt_min, dt_max must satisfy 0 < dt_min <= dt_max, got "
                        f"{self.dt_min}, {self.dt_max}")
+    object.__setattr__(self, "a_init_range", tuple(self.a_init_range))
     lo, hi = self.a_init_range
     if not 0 < lo <= hi:
       raise ValueError(f"MixerConfig.a_init_range must be (lo, hi) with 0 < lo <= hi, got "

@@ -302,7 +302,8 @@ class Mamba2(RecurrentMixer):
 class DeltaNet(RecurrentMixer):
   """DeltaNet: q, k, v through a short conv and SiLU, ``q, k`` L2-normalized,
   ``beta = sigmoid(x W_beta)``, ``S_t = (I - beta k k^T) S_{t-1} + beta k v^T``, an RMS
-  norm per head (and a swish output gate with ``output_gate=True``)."""
+  norm per head (and a swish output gate with ``output_gate=True``, Gated DeltaNet's
+  default)."""
 
   op = "delta_rule"
 
@@ -324,7 +325,7 @@ class DeltaNet(RecurrentMixer):
       self.dt_bias = named_param(_dt_bias(rngs, h, c.dt_min, c.dt_max), ("heads",))
       self.a_log = named_param(_a_log(rngs, h, tuple(c.a_init_range)), ("heads",))
     self.g_proj = (dense(c.width, hv, ("embed", "heads"), **kw)
-                   if gated or c.output_gate else None)
+                   if (gated if c.output_gate is None else c.output_gate) else None)
     self.norm = RMSNorm(self.value_dim, "head_dim", eps=c.norm_eps)
     self.o_proj = dense(hv, c.width, ("heads", "embed"), **kw)
 
@@ -350,7 +351,8 @@ class DeltaNet(RecurrentMixer):
 class GatedDeltaNet(DeltaNet):
   """Gated DeltaNet: DeltaNet with the decay ``alpha_t = exp(-exp(A_log) softplus(x W_a +
   b))`` of Mamba-2, ``S_t = alpha_t (I - beta k k^T) S_{t-1} + beta k v^T``, and the
-  gated output norm ``RMSNorm(o) * silu(x W_g)``."""
+  gated output norm ``RMSNorm(o) * silu(x W_g)`` (``output_gate=False`` leaves the gate
+  out)."""
 
   op = "gated_delta_rule"
 

@@ -25,6 +25,8 @@ CASES = [(name, {}) for name in CAUSAL] + [
     ("softmax", {"mask": masks.ChunkedCausal(5), "position": "none"}),
     ("softmax", {"mask": masks.StridedSparse(3)}),
     ("deltanet", {"output_gate": True, "expand_v": 2}),
+    ("gated_deltanet", {"output_gate": False, "a_init_range": (1.0, 1.0), "dt_min": 1e-4,
+                        "dt_max": 1e-3}),
     ("gla", {"conv_size": 0, "expand_k": 1}),
 ] + [
     # The optional short convolution of mixers whose paper has none.
@@ -158,6 +160,8 @@ def test_make_mixer_unknown_name_lists_the_mixers():
     (dict(width=32, num_heads=4, position="xpos"), "position must be one of"),
     (dict(width=32, num_heads=4, sliding_window=0), "sliding_window must be >= 1"),
     (dict(width=32, num_heads=4, mask="causal"), "mask must be a static mask"),
+    (dict(width=32, num_heads=4, dt_min=0.1, dt_max=0.01), "dt_min, dt_max"),
+    (dict(width=32, num_heads=4, a_init_range=(0.0, 1.0)), "a_init_range"),
 ])
 def test_bad_mixer_config_raises(fields, message):
   with pytest.raises(ValueError, match=message):
@@ -173,6 +177,26 @@ def test_a_missing_form_raises(name, form):
   config = layers.MixerConfig(width=WIDTH, num_heads=HEADS, causal=form == "causal")
   with pytest.raises(ValueError, match=f"no {form} form"):
     layers.make_mixer(name, config, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name", ["mamba2", "gated_deltanet"])
+def test_gate_init_ranges(name):
+  """``softplus(dt_bias)`` lies in [dt_min, dt_max] and ``exp(A_log)`` in a_init_range."""
+  config = layers.MixerConfig(width=WIDTH, num_heads=8, state_size=8, dt_min=1e-4,
+                              dt_max=1e-3, a_init_range=(2.0, 3.0))
+  mixer = layers.make_mixer(name, config, rngs=nnx.Rngs(0))
+  dt = np.asarray(jax.nn.softplus(mixer.dt_bias[...]))
+  a = np.exp(np.asarray(mixer.a_log[...]))
+  assert np.all((dt >= 1e-4 * (1 - 1e-5)) & (dt <= 1e-3 * (1 + 1e-5))), dt
+  assert np.all((a >= 2.0 - 1e-6) & (a <= 3.0 + 1e-6)), a
+  assert np.ptp(dt) > 0 and np.ptp(a) > 0  # drawn, not constant
+
+
+def test_gated_deltanet_output_gate_switch():
+  assert _mixer("gated_deltanet").g_proj is not None          # the paper's default
+  assert _mixer("gated_deltanet", output_gate=False).g_proj is None
+  assert _mixer("deltanet").g_proj is None
+  assert _mixer("deltanet", output_gate=True).g_proj is not None
 
 
 def test_decoding_a_non_causal_mixer_raises(rng):
