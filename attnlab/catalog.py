@@ -30,7 +30,7 @@ the tests check it against. *State* is what a decoder carries per head between t
 def _mixers_by_op() -> dict[str, list[str]]:
   out: dict[str, list[str]] = {}
   for name in layers.mixer_names():
-    for op in getattr(layers.mixer_class(name), "ops", (layers.mixer_class(name).op,)):
+    for op in layers.mixer_ops(layers.mixer_class(name)):
       out.setdefault(op, []).append(name)
   return out
 

@@ -25,7 +25,7 @@ def register_mixer(name: str, cls: type) -> None:
   one, or both. Building a form it lacks raises ``ValueError``."""
   if name in _MIXERS:
     raise ValueError(f"a mixer named {name!r} is already registered")
-  for op in getattr(cls, "ops", (cls.op,)):
+  for op in mixer_ops(cls):
     if op not in registry.mechanisms():
       raise ValueError(f"mixer {name!r} runs op {op!r}, which is not registered; "
                        f"registered ops: {registry.mechanisms()}")
@@ -33,6 +33,11 @@ def register_mixer(name: str, cls: type) -> None:
   if not forms or set(forms) - set(FORMS):
     raise ValueError(f"mixer {name!r} has forms={forms!r}; each must be one of {FORMS}")
   _MIXERS[name] = cls
+
+
+def mixer_ops(cls) -> tuple[str, ...]:
+  """The ops of ``attnlab.ops`` a mixer class runs: ``cls.ops`` or ``(cls.op,)``."""
+  return tuple(cls.ops) if hasattr(cls, "ops") else (cls.op,)
 
 
 def mixer_forms(cls) -> tuple[str, ...]:

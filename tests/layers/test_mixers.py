@@ -25,6 +25,9 @@ CASES = [(name, {}) for name in CAUSAL] + [
     ("softmax", {"mask": masks.ChunkedCausal(5), "position": "none"}),
     ("softmax", {"mask": masks.StridedSparse(3)}),
     ("deltanet", {"output_gate": True, "expand_v": 2}),
+    # Blocks / windows shorter than the test sequences.
+    ("based", {"sliding_window": 4}),
+    ("transnormer_diag", {"sliding_window": 5}),
     ("gated_deltanet", {"output_gate": False, "a_init_range": (1.0, 1.0), "dt_min": 1e-4,
                         "dt_max": 1e-3}),
     ("gla", {"conv_size": 0, "expand_k": 1}),
