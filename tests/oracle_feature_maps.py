@@ -12,8 +12,10 @@ with x64 switched on only inside :func:`float64`.
                          x' = x scale^{1/2}; o = A v / A 1 (Choromanski et al. 2021, Lemma 1)
     cosformer            A_ts = ReLU(q_t)^T ReLU(k_s) cos(pi/2 (t - s)/M) m_ts;
                          o = A v / (A 1 + eps) (Qin et al. 2022, the cos re-weighting)
-    cottention           A_ts = q_t^T k_s / (|q_t| |k_s|) m_ts; o = A v / (sum_s m_ts)^p
-    lln_attention        A_ts = exp(alpha q_t)^T exp(beta k_s) m_ts; o = A v / A 1
+    cottention           A_ts = q_t^T k_s / (|q_t| |k_s|) m_ts; o_t = sum_s A_ts v_s / n_s^p,
+                         n_s = sum_u m_su (Mongaras et al. 2024: N(Q) N(K)^T V / s^sigmoid(m))
+    lln_attention        A_ts = exp(alpha q_t)^T exp(beta k_s) m_ts; o = A v / A 1 (Nahshan et
+                         al. 2024, §4)
     focused_linear       A_ts = f_p(ReLU(q_t))^T f_p(ReLU(k_s)) m_ts, f_p(x) = |x|/|x^p| x^p;
                          o = A v / (A 1 + eps) (Han et al. 2023, eqs. 5-6)
     slab_attention       A_ts = ReLU(q_t)^T ReLU(k_s) m_ts; o = A v / (A 1 + eps) (Guo et al.
@@ -92,9 +94,11 @@ def cosformer(q, k, v, *, m, max_len):
 
 def cottention(q, k, v, length_exponent, *, m):
   unit = lambda x: x / jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) + EPS)
-  out = jnp.einsum("bhts,bshv->bthv", _scores(unit(q), unit(k), m), v)
-  n = jnp.sum(m, -1)[..., None]  # [B, T, 1]
-  return out / (n ** jnp.reshape(length_exponent, (1, 1, -1)))[..., None]
+  # Each value row s divided by its own sequence length n_s^p, n_s = sum_u m[s, u]
+  # (V / s^sigmoid(m) with a per-row length, as the authors' causal code does).
+  n = jnp.sum(m, -1)[..., None]  # [B, S, 1]
+  v = v / (n ** jnp.reshape(length_exponent, (1, 1, -1)))[..., None]
+  return jnp.einsum("bhts,bshv->bthv", _scores(unit(q), unit(k), m), v)
 
 
 def lln_attention(q, k, v, alpha, beta, *, m):

@@ -15,17 +15,22 @@ index counts the changes of ``segment_ids`` up to the position), ``j < lengths[b
       o_i = (sum_j kappa_ij v_j + [i in doc 0] phi(q_i)^T S_0)
             / (sum_j kappa_ij + [i in doc 0] phi(q_i)^T z_0 + 1e-6)
 
-* Hedgehog (Zhang et al. 2024, §4.1): ``kappa = phi(q)^T phi(k)`` with ``phi(x) =
-  [softmax(x W + b), softmax(-(x W + b))]``; distillation loss (§4.2): mean over valid
+* Hedgehog (Zhang et al. 2024, arXiv:2402.04347): ``kappa = phi(q)^T phi(k)`` with
+  ``phi(x) = [softmax(x W + b), softmax(-(x W + b))]`` per head (the paper's trainable
+  linear layer with exp activation, each half taken as a softmax over the feature axis as
+  in the authors' released code); attention-weight distillation loss: mean over valid
   queries of ``-sum_j a_ij log(kappa_ij / sum_j' kappa_ij')``, ``a = softmax(q k^T /
-  sqrt(D))`` over the allowed keys.
-* Based (Arora et al. 2024, §4): ``kappa = 1 + s q^T k + (s q^T k)^2 / 2`` (the 2nd-order
+  sqrt(D))``, both over the same allowed keys.
+* Based (Arora et al. 2024, arXiv:2402.18668): ``kappa = 1 + s q^T k + (s q^T k)^2 / 2`` (the 2nd-order
   Taylor polynomial of ``exp(s q^T k)``, written from the polynomial, not the features).
   Its state uses the features ``[1, sqrt(s) x, s vec(x x^T) / sqrt(2)]`` (row-major vec).
-* TransNormer NormAttention (Qin et al. 2022, §3.2): ``o_i = XNorm(sum_j phi(q_i)^T
-  phi(k_j) v_j)`` (no denominator), XNorm = RMS norm or LayerNorm without scale.
-* TransNormer DiagAttention (§3.3): softmax attention where ``j`` is in ``i``'s block of
-  ``w`` tokens, counted from the document's start.
+* TransNormer NormAttention (Qin et al. 2022, arXiv:2210.10340): ``O = XNorm(phi(Q)
+  (phi(K)^T V))``, i.e. ``o_i = XNorm(sum_j phi(q_i)^T phi(k_j) v_j)`` (no denominator),
+  XNorm = RMS norm or LayerNorm without scale over each head's values.
+* TransNormer DiagAttention (softmax variant): softmax attention where ``j`` is in
+  ``i``'s non-overlapping block of ``w`` tokens, counted from the document's start.
+
+Equation numbers are not cited: the papers' full text could not be retrieved to check them.
 
 The causal final state is ``S = [S_0 if one document] + sum_{j in the last document, j <
 lengths} phi(k_j) [v_j, 1]^T`` (without the ones column for NormAttention).

@@ -11,9 +11,11 @@ performer            performer                 the same; the random features are
 cosformer            cosformer                 the same; positions feed the cos re-weighting,
                                                ``M = max_len`` (class attribute, 4096)
 cottention           cottention                the same; ``p = sigmoid(m)`` with a learned
-                                               scalar m per head (init 0, p = 0.5)
-lln_attention        lln_attention             the same; alpha, beta moment-matched for unit
-                                               variance q, k (``lln_moment_matching(1, 1, K)``)
+                                               scalar m per head (init 0.5 as in the
+                                               authors' code, p ~ 0.62)
+lln_attention        lln_attention             the same; alpha, beta moment-matched (§4.1)
+                                               for unit-variance q, k
+                                               (``lln_moment_matching(1, 1)``)
 flatten              focused_linear_attention  p = 3, plus FLatten's depthwise convolution
                                                on V (rank restoration), ``conv_size``
                                                default 5 (0 = none)
@@ -261,13 +263,15 @@ class CosFormer(_FeatureMapMixer):
 
 
 class Cottention(_FeatureMapMixer):
-  """Cosine attention divided by ``n^sigmoid(m)``, m a learned scalar per head."""
+  """Cosine attention with the values divided by ``n^sigmoid(m)``, m a learned scalar per
+  head."""
 
   op = "cottention"
 
   def __init__(self, config: MixerConfig, *, rngs: nnx.Rngs):
     super().__init__(config, rngs=rngs)
-    self.length_logit = named_param(jnp.zeros((config.num_heads,), config.param_dtype),
+    # m = 0.5 at init, as the authors' code (norm_const = 0.5) does.
+    self.length_logit = named_param(jnp.full((config.num_heads,), 0.5, config.param_dtype),
                                     ("heads",))
 
   def _op_kwargs(self):
@@ -280,7 +284,7 @@ class LLNAttention(_FeatureMapMixer):
   op = "lln_attention"
 
   def _op_kwargs(self):
-    alpha, beta = ops.lln_moment_matching(1.0, 1.0, self.key_dim)
+    alpha, beta = ops.lln_moment_matching(1.0, 1.0)
     return {"alpha": alpha, "beta": beta}
 
   def state_value_dim(self):

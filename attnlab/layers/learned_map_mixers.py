@@ -3,27 +3,34 @@
 =================  ==========================  =================================================
 mixer              op                          layer
 =================  ==========================  =================================================
-hedgehog           hedgehog                    Zhang et al. 2024, §4: q, k, v projections, the
-                                               learned map phi = [softmax(xW + b),
-                                               softmax(-(xW + b))] per head (W starts at the
-                                               identity), normalized linear attention, W_O
-based              based, dot_product_         Arora et al. 2024, §4: q, k projected to a small
-                   attention                   feature dim (16), the Taylor linear attention,
-                                               plus a sliding-window softmax branch
-                                               (``SoftmaxAttention`` with ``sliding_window``,
-                                               default 64), the two outputs summed
-transnormer_norm   transnormer_norm_attention  Qin et al. 2022, §3.2: phi = elu + 1,
+hedgehog           hedgehog                    Zhang et al. 2024 (arXiv:2402.04347): q, k, v
+                                               projections, the learned map phi =
+                                               [softmax(xW + b), softmax(-(xW + b))] per head
+                                               (W starts at the identity), normalized linear
+                                               attention, W_O
+based              based, dot_product_         Arora et al. 2024 (arXiv:2402.18668): q, k
+                   attention                   projected to a small feature dim (16), the
+                                               Taylor linear attention, plus a sliding-window
+                                               softmax branch (``SoftmaxAttention`` with
+                                               ``sliding_window``, default 64), the two
+                                               outputs summed (not the paper's layout: below)
+transnormer_norm   transnormer_norm_attention  Qin et al. 2022 (arXiv:2210.10340),
+                                               NormAttention: phi = elu + 1,
                                                ``RMSNorm(phi(Q)(phi(K)^T V))`` per head with a
                                                learned scale, W_O
-transnormer_diag   transnormer_diag_attention  Qin et al. 2022, §3.3: softmax attention in
-                                               blocks of ``sliding_window`` tokens (default 64)
+transnormer_diag   transnormer_diag_attention  Qin et al. 2022, DiagAttention: softmax
+                                               attention in blocks of ``sliding_window``
+                                               tokens (default 64)
 =================  ==========================  =================================================
 
-The Based paper stacks its linear-attention, sliding-window and gated-convolution mixers as
-separate layers; ``based`` puts the linear and window branches in one layer (summed), so
-one mixer name gives the recall-throughput hybrid. A stack that wants the paper's exact
-layer pattern can alternate ``based`` (with a window of 1, the token itself) and
-``softmax`` with ``sliding_window``.
+The Based paper does not sum branches inside one layer: it stacks its Taylor linear-
+attention, sliding-window-attention and gated-convolution (BaseConv) mixers as separate
+layers (the authors' 360M config: 27 layers, linear attention at layers 1, 6, 11, 16, 21,
+sliding window at 2, 7, 12, 17, 22, BaseConv elsewhere). ``based`` here is a different,
+one-layer hybrid: the linear and window branches summed, so that one mixer name gives the
+recall-throughput hybrid. Its window branch cannot be switched off (a window of 1 still
+adds softmax over the token itself, i.e. a projection of ``v_t``), so the paper's exact
+layer pattern is not expressible with these mixer names alone.
 """
 
 from __future__ import annotations

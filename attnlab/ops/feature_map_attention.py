@@ -15,9 +15,11 @@ performer                 FAVOR+ (Choromanski et al. 2021, "Rethinking Attention
 cosformer                 cosFormer (Qin et al. 2022, §3.3-3.4): ReLU features re-weighted by
                           ``cos(pi/2 (i - j) / M)``, split into cos and sin parts, normalized
 cottention                Cottention (Mongaras et al. 2024): ``o_t = sum_s (q^_t . k^_s) v_s /
-                          n_t^p``, q^ / k^ rows L2-normalized, n_t the number of keys seen
+                          n_s^p``, q^ / k^ rows L2-normalized, each value divided by the
+                          sequence length n_s at its own position to the power p
 lln_attention             LLN (Nahshan et al. 2024, §4): ``phi_q = exp(alpha q)``,
-                          ``phi_k = exp(beta k)``, normalized
+                          ``phi_k = exp(beta k)``, normalized; alpha, beta by the §4.1
+                          moment matching (:func:`lln_moment_matching`)
 focused_linear_attention  FLatten (Han et al. 2023, eqs. 5-6): ``phi_p(x) = f_p(ReLU(x))``,
                           ``f_p(x) = |x| / |x^p| x^p``, normalized
 slab_attention            SLAB (Guo et al. 2024, §3.2): ``ReLU(q)^T ReLU(k)``, normalized
@@ -46,7 +48,8 @@ Decode states (float32, zeros = empty):
 
 * normalized maps (cosformer ``[B, H, 2K, V + 1]``, flatten / slab ``[B, H, K, V + 1]``):
   ``[S | z]`` as in ``linear_attn(normalize=True)``;
-* cottention ``[B, H, K, V + 1]``: ``[S | n]``, n the count of keys (same in every row);
+* cottention ``[B, H, K, V + 1]``: ``[S | n]``, ``S = sum_s k^_s v_s^T / n_s^p``, n the count
+  of keys (same in every row);
 * performer ``[B, H, M, V + 2]``, lln ``[B, H, K, V + 2]``: ``[S~ | z~ | m]`` with
   ``S~ = sum_s e^{-m} phi(k_s) v_s^T``, ``z~ = sum_s e^{-m} phi(k_s)``, m a per-head log
   offset (same in every row);
@@ -510,17 +513,19 @@ def _cottention_reference(call):
   qh, kh, v = _l2normalize(_f32(call.q)), _l2normalize(_f32(call.k)), _f32(call.v)
   allowed = _allowed(call)
   a = jnp.einsum("bthk,bshk->bhts", qh, kh, precision=_HIGHEST) * allowed[:, None]
-  out = jnp.einsum("bhts,bshv->bthv", a, v, precision=_HIGHEST)
+  # n_s: the keys row s sees (its own sequence length), plus the state's count.
   count = jnp.broadcast_to(jnp.sum(allowed, axis=2).astype(jnp.float32)[..., None],
-                           out.shape[:3])
+                           v.shape[:3])
   s0 = call.initial_state
   first, final_has_init = _first_doc(call)
   if s0 is not None:
     s0 = _f32(s0)
-    out = out + jnp.einsum("bthk,bhkv->bthv", qh, s0[..., :-1],
-                           precision=_HIGHEST) * _expand(first, 4)
     count = count + s0[:, None, :, 0, -1] * first[..., None]
-  o = out * _cottention_scale(count, call.params["length_exponent"])[..., None]
+  v = v * _cottention_scale(count, call.params["length_exponent"])[..., None]
+  o = jnp.einsum("bhts,bshv->bthv", a, v, precision=_HIGHEST)
+  if s0 is not None:
+    o = o + jnp.einsum("bthk,bhkv->bthv", qh, s0[..., :-1],
+                       precision=_HIGHEST) * _expand(first, 4)
   final = None
   if call.causal:
     last = _last_doc_keys(call)
@@ -544,13 +549,14 @@ def _cottention_xla(call):
   exponent = call.params["length_exponent"]
   if not call.causal:
     count = _document_total(count, starts)
-    out = _document_sum(qh, kh, v, call.segment_ids, call.chunk_size)
-    return out * _cottention_scale(count, exponent)[..., None], None
+    v = v * _cottention_scale(count, exponent)[..., None]
+    return _document_sum(qh, kh, v, call.segment_ids, call.chunk_size), None
   s0 = call.initial_state
   first, _ = _first_doc(call)
   if s0 is not None:
     s0 = _f32(s0)
     count = count + s0[:, None, :, 0, -1] * first[..., None]
+  v = v * _cottention_scale(count, exponent)[..., None]
   out, sv = linear_attn(qh, kh, v, scale=1.0,
                         initial_state=None if s0 is None else s0[..., :-1],
                         output_final_state=True, segment_ids=call.segment_ids,
@@ -558,7 +564,7 @@ def _cottention_xla(call):
   n = count[:, -1]
   final = jnp.concatenate([sv, jnp.broadcast_to(n[..., None, None], sv.shape[:-1] + (1,))],
                           axis=-1)
-  return out * _cottention_scale(count, exponent)[..., None], final
+  return out, final
 
 
 # ------------------------------------------------------------------ registration
@@ -799,11 +805,15 @@ def cosformer(q, k, v, *, max_len=None, positions=None, causal=True, initial_sta
 def cottention(q, k, v, length_exponent=0.5, *, causal=True, initial_state=None,
                output_final_state=False, segment_ids=None, lengths=None, chunk_size=64,
                implementation=None):
-  """Cottention: ``o_t = n_t^{-p} sum_s (q^_t . k^_s) v_s`` with ``x^ = x / |x|`` (cosine
-  similarity, Mongaras et al. 2024) and the stabilizing division by ``n^p``: n the number
-  of keys the query sees (the document length non-causally, ``t + 1`` causally) and
-  ``p = length_exponent`` (a float or ``[H]``; the paper's ``sigmoid(m)`` of a learned
-  scalar per head)."""
+  """Cottention: ``o_t = sum_s (q^_t . k^_s) v_s / n_s^p`` with ``x^ = x / |x|`` (cosine
+  similarity, Mongaras et al. 2024, ``N(Q) N(K)^T V``) and the stabilizing division of the
+  values by the sequence length to the power ``p = sigmoid(m)``, m a learned scalar per
+  head (``V / s^sigmoid(m)``). ``n_s`` is the sequence length at value s: the document
+  length non-causally, the number of keys up to s (``s + 1``) causally, so the recurrence
+  ``S_t = S_{t-1} + k^_t v_t^T / t^p``, ``o_t = q^_t^T S_t`` (the paper's RNN form) holds;
+  this follows the authors' code (github.com/gmongaras/Cottention_Transformer), which
+  scales each value row by its own causal-mask row count. ``p = length_exponent``: a
+  float or ``[H]``."""
   q, k, v = _check_qkv(q, k, v)
   params = {"length_exponent": _check_per_head("length_exponent", length_exponent,
                                                q.shape[2])}
@@ -813,21 +823,26 @@ def cottention(q, k, v, length_exponent=0.5, *, causal=True, initial_state=None,
               state_shape=_common(q, v, q.shape[-1], 1))
 
 
-def lln_moment_matching(sigma_q, sigma_k, dim):
-  """``(alpha, beta)`` of LLN attention by moment matching (Nahshan et al. 2024, §4).
+# The linear fit of LLN's log-variance (Nahshan et al. 2024, §4.1): sigma_lln^2 ~ 2 a
+# sigma~^2 + b with sigma~ = alpha sigma_q = beta sigma_k (the authors' values, as in
+# https://github.com/ynahshan/linear-lognormal-attention, lln/lln_attention.py).
+LLN_FIT_A = 0.14855178144710912
+LLN_FIT_B = -0.35487039130661086
+
+
+def lln_moment_matching(sigma_q, sigma_k):
+  """``(alpha, beta)`` of LLN attention by moment matching (Nahshan et al. 2024, §4.1).
 
   Softmax attention's log-weights ``q^T k / sqrt(d)`` have variance
-  ``s^2 = sigma_q^2 sigma_k^2`` for Gaussian q, k. LLN's ``log sum_i e^{alpha q_i +
-  beta k_i}`` is a log of a sum of d log-normals; by the Fenton-Wilkinson approximation
-  its variance is ``log(1 + (e^{r^2} - 1) / d)`` with ``r^2 = alpha^2 sigma_q^2 +
-  beta^2 sigma_k^2``. Matching the two with ``alpha sigma_q = beta sigma_k`` gives
-  ``r^2 = log(1 + d (e^{s^2} - 1))``. Works on floats or arrays."""
+  ``sigma_sm^2 = sigma_q^2 sigma_k^2`` for Gaussian q, k. The variance of LLN's log-weights
+  is approximated by the paper's linear fit ``sigma_lln^2 = 2 a sigma~^2 + b`` (a, b:
+  :data:`LLN_FIT_A`, :data:`LLN_FIT_B`) with ``sigma~ = alpha sigma_q = beta sigma_k``;
+  equating the two gives ``sigma~^2 = (sigma_q^2 sigma_k^2 - b) / (2 a)``,
+  ``alpha = sigma~ / sigma_q``, ``beta = sigma~ / sigma_k``. Independent of the head
+  dimension. Works on floats or arrays."""
   s2 = (sigma_q * sigma_k) ** 2
-  r2 = jnp.log1p(dim * jnp.expm1(s2)) if isinstance(s2, jax.Array) else math.log1p(
-      dim * math.expm1(s2))
-  alpha = (r2 / 2) ** 0.5 / sigma_q
-  beta = (r2 / 2) ** 0.5 / sigma_k
-  return alpha, beta
+  tilde = ((s2 - LLN_FIT_B) / (2 * LLN_FIT_A)) ** 0.5
+  return tilde / sigma_q, tilde / sigma_k
 
 
 @_doc
@@ -850,7 +865,7 @@ def lln_attention(q, k, v, alpha=None, beta=None, *, causal=True, initial_state=
       raise ValueError("the causal lln_attention needs alpha and beta (statistics of the "
                        "whole sequence would see the future); got alpha=None, beta=None")
     sd = lambda x: lax.stop_gradient(jnp.std(_f32(x), axis=(0, 1, 3)))
-    alpha, beta = lln_moment_matching(sd(q), sd(k), q.shape[-1])
+    alpha, beta = lln_moment_matching(sd(q), sd(k))
   params = {"alpha": _check_per_head("alpha", alpha, heads),
             "beta": _check_per_head("beta", beta, heads)}
   return _run("lln_attention", implementation, q, k, v, causal, params,
@@ -969,10 +984,10 @@ def cottention_step(q_t, k_t, v_t, state, length_exponent=0.5):
   q_t, k_t, v_t, state = _check_step(q_t, k_t, v_t, state, q_t.shape[-1], 1)
   p = _check_per_head("length_exponent", length_exponent, q_t.shape[1])
   qh, kh = _l2normalize(_f32(q_t)), _l2normalize(_f32(k_t))
-  sv = state[..., :-1] + jnp.einsum("bhk,bhv->bhkv", kh, _f32(v_t), precision=_HIGHEST)
   n = state[..., 0, -1] + 1.0
+  v = _f32(v_t) * _cottention_scale(n, p)[..., None]
+  sv = state[..., :-1] + jnp.einsum("bhk,bhv->bhkv", kh, v, precision=_HIGHEST)
   o = jnp.einsum("bhk,bhkv->bhv", qh, sv, precision=_HIGHEST)
-  o = o * _cottention_scale(n, p)[..., None]
   state = jnp.concatenate([sv, jnp.broadcast_to(n[..., None, None], sv.shape[:-1] + (1,))],
                           axis=-1)
   return o.astype(v_t.dtype), state

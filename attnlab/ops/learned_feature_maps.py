@@ -8,22 +8,36 @@ feature map phi, per head::
 with ``N(i) = {j <= i}`` (causal) or all keys of the query's document (non-causal), and
 ``eps = 1e-6`` (the ``normalize=True`` convention of :func:`attnlab.ops.linear_attn`).
 
-* Hedgehog (Zhang et al. 2024, "The Hedgehog & the Porcupine", §4.1): a trainable
-  single-layer map with exponential activation, evaluated per head as a softmax over the
-  feature axis (which keeps the features in (0, 1] and avoids overflow)::
+* Hedgehog (Zhang et al., ICLR 2024, "The Hedgehog & the Porcupine: Expressive Linear
+  Attentions with Softmax Mimicry", arXiv:2402.04347, the Hedgehog method section): a
+  trainable single-layer map per head (untied across heads), shared by q and k. The paper
+  describes a linear layer followed by an element-wise exp; the authors' released code
+  (HazyResearch/based ``Hedgehog`` with ``SoftmaxDim``, HazyResearch/lolcats
+  ``SoftmaxDim``) applies it to ``h`` and to ``-h`` and evaluates each half as a softmax
+  over the feature axis, which is what this op implements (features in (0, 1], no
+  overflow)::
 
       h = x W + b,   phi(x) = [softmax(h), softmax(-h)]       W [H, D, F], b [H, F]
 
-  so phi has 2F features. :func:`hedgehog_distillation_loss` is the paper's attention-
-  weight distillation (§4.2): the cross-entropy between the softmax weights
+  so phi has 2F features. Note that the softmax form is not a rescaling of the exp form
+  that cancels in the normalized weights: each token's two halves get their own factors
+  ``1 / sum exp(h)`` and ``1 / sum exp(-h)``. :func:`hedgehog_distillation_loss` is the
+  paper's attention-weight distillation: the cross-entropy between the softmax weights
   ``a_ij = softmax_j(q_i^T k_j / sqrt(D))`` and the Hedgehog weights
-  ``a^_ij = phi(q_i)^T phi(k_j) / sum_j' phi(q_i)^T phi(k_j')`` over the same q, k.
+  ``a^_ij = phi(q_i)^T phi(k_j) / sum_j' phi(q_i)^T phi(k_j')`` over the same q, k and the
+  same allowed (causal) keys.
 * Based (Arora et al. 2024, "Simple linear attention language models balance the recall-
-  throughput tradeoff", §4): the 2nd-order Taylor expansion of the softmax kernel,
-  ``exp(s q^T k) ~ 1 + s q^T k + (s q^T k)^2 / 2`` with ``s = D^(-1/2)``, as the inner
-  product of::
+  throughput tradeoff", arXiv:2402.18668, its Taylor linear attention): the 2nd-order
+  Taylor expansion of the softmax kernel, ``exp(s q^T k) ~ 1 + s q^T k + (s q^T k)^2 / 2``
+  with ``s = D^(-1/2)``, as the inner product of::
 
       phi(x) = [1, s^(1/2) x, s vec(x x^T) / sqrt(2)]           (1 + D + D^2 features)
+
+  the same map as the authors' ``TaylorExp`` (``[1, x / D^(1/4), vec(x x^T) / (sqrt(2)
+  sqrt(D))]``), with q, k projected to a small D (16 in the paper's models).
+
+The paper equation numbers could not be checked against the papers' full text (only their
+abstracts were retrievable); the forms above were checked against the authors' code.
 
 The causal forms carry the state ``[B, H, F', V + 1]`` (float32) of
 :func:`attnlab.ops.linear_attn` with ``normalize=True``: ``S = sum phi(k) v^T`` in
@@ -60,9 +74,9 @@ NORMALIZE_EPS = la.NORMALIZE_EPS
 
 
 def hedgehog_feature_map(x, w, b):
-  """Hedgehog's map of ``x [..., H, D]`` with ``w [H, D, F]``, ``b [H, F]``:
-  ``[softmax(x W + b), softmax(-(x W + b))]`` over the feature axis, ``[..., H, 2F]``,
-  computed in float32."""
+  """Hedgehog's map of ``x [..., H, D]`` with ``w [H, D, F]``, ``b [H, F]`` (one map per
+  head): ``[softmax(x W + b), softmax(-(x W + b))]`` over the feature axis, ``[..., H,
+  2F]``, computed in float32 (the authors' code's softmax form of the paper's exp map)."""
   h = jnp.einsum("...hd,hdf->...hf", x.astype(jnp.float32), w.astype(jnp.float32))
   h = h + b.astype(jnp.float32).reshape((1,) * (h.ndim - 2) + b.shape)
   return jnp.concatenate([jax.nn.softmax(h, axis=-1), jax.nn.softmax(-h, axis=-1)], axis=-1)
@@ -336,7 +350,7 @@ def based_step(q_t, k_t, v_t, state, *, scale=None):
 
 
 def hedgehog_distillation_loss(q, k, w, b, *, causal=True, scale=None, lengths=None):
-  """Hedgehog's attention-weight distillation loss (Zhang et al. 2024, §4.2).
+  """Hedgehog's attention-weight distillation loss (Zhang et al. 2024, arXiv:2402.04347).
 
   For each batch row, head and query i (valid, i.e. ``i < lengths[b]``), the cross-entropy
   ``-sum_j a_ij log a^_ij`` between the softmax teacher ``a_ij = softmax_j(scale q_i^T

@@ -1,20 +1,24 @@
-"""TransNormer ("The Devil in Linear Transformer", Qin et al. 2022): NormAttention and
-DiagAttention.
+"""TransNormer ("The Devil in Linear Transformer", Qin et al., EMNLP 2022,
+arXiv:2210.10340): NormAttention and DiagAttention.
 
-NormAttention (§3.2) drops the scaling (the denominator ``phi(q)^T sum phi(k)``) of
-kernel linear attention, whose gradient the paper shows unbounded, and normalizes the
-output instead::
+NormAttention drops the scaling (the denominator ``phi(q)^T sum phi(k)``) of kernel
+linear attention, whose gradient the paper shows unbounded, and normalizes the output
+instead, ``O_norm = XNorm(Q (K^T V))`` with Q, K after the kernel::
 
     O_norm = XNorm(phi(Q) (phi(K)^T V))
 
 per head, with ``phi`` the kernel (``elu + 1`` by default; ``relu`` and ``identity`` are
-offered as in the paper's kernel ablation) and XNorm an RMS norm or a LayerNorm over each
-head's value dim, without learned scale (the layer owns it). Causal: ``S_t = S_{t-1} +
-phi(k_t) v_t^T``, ``o_t = XNorm(phi(q_t)^T S_t)`` with the state ``[B, H, K, V]``
-float32; non-causal: every key of the query's document.
+offered for ablations) and XNorm an RMS norm or a LayerNorm (the paper allows either)
+over each head's value dim, without learned scale (the layer owns it). The authors'
+fairseq-evo configurations use ``1+elu`` (or ``elu``) for this kernel and a scale-free
+("simple") RMS norm or a LayerNorm. Causal: ``S_t = S_{t-1} + phi(k_t) v_t^T``, ``o_t =
+XNorm(phi(q_t)^T S_t)`` with the state ``[B, H, K, V]`` float32; non-causal: every key of
+the query's document.
 
-DiagAttention (§3.3) is softmax attention inside non-overlapping blocks of ``w`` tokens
-(block-diagonal attention, used in the early layers against attention dilution)::
+DiagAttention is attention inside non-overlapping blocks of ``w`` tokens (block-diagonal
+attention, used in the early layers against attention dilution; cost ``O(n w d)``). The
+authors' configurations use ``w = 64`` and come in two variants of the in-block attention:
+softmax, and a ReLU kernel followed by a norm; this op is the softmax variant::
 
     O = softmax(Q K^T / sqrt(D) + M) V,   M_ij = 0 if i // w == j // w (and j <= i when
                                           causal), else -inf
@@ -22,6 +26,10 @@ DiagAttention (§3.3) is softmax attention inside non-overlapping blocks of ``w`
 With packed documents (``segment_ids``) the blocks restart at every document start, so a
 packed document is attended as if alone. Its decode state is the current block's keys
 and values (a ring of ``w`` slots).
+
+Equation and section numbers could not be checked against the paper's full text (only
+its abstract and secondary summaries were retrievable); the forms above were checked
+against those summaries and the authors' fairseq-evo configurations.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from tests.ops.test_learned_feature_maps import (DTYPES, TIERS, assert_within, c
 @pytest.mark.parametrize("dtype", DTYPES, ids=("f32", "bf16"))
 @pytest.mark.parametrize("causal", (True, False), ids=("causal", "non_causal"))
 @pytest.mark.parametrize("tier", TIERS)
-def test_norm_attention_matches_oracle_sec3_2(tier, causal, dtype, rng):
+def test_norm_attention_matches_oracle(tier, causal, dtype, rng):
   """O = RMSNorm(phi(Q) (phi(K)^T V)), phi = elu + 1, no denominator."""
   diff = qkv(rng, dtype, length=13, key_dim=4, value_dim=6)
   data = {"causal": causal, "segment_ids": packed_ids(2, 13), "lengths": jnp.array([11, 13])}
@@ -46,7 +46,7 @@ def test_norm_attention_kernels_and_norms(feature_map, norm, rng):
 @pytest.mark.parametrize("dtype", DTYPES, ids=("f32", "bf16"))
 @pytest.mark.parametrize("causal", (True, False), ids=("causal", "non_causal"))
 @pytest.mark.parametrize("tier", TIERS)
-def test_diag_attention_matches_oracle_sec3_3(tier, causal, dtype, rng):
+def test_diag_attention_matches_oracle(tier, causal, dtype, rng):
   """Softmax inside blocks of 4 tokens counted from each document's start."""
   diff = qkv(rng, dtype, length=21, key_dim=4, value_dim=4)
   data = {"causal": causal, "segment_ids": packed_ids(2, 21), "lengths": jnp.array([19, 21]),
