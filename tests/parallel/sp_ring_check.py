@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnlab import ops
-from attnlab.parallel.ring_attention import layout_positions, ring_attention, ulysses_attention
+from attnlab.parallel.ring import layout_positions, ring_attention, ulysses_attention
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_cpu_enable_async_dispatch", False)  # as tests/conftest.py

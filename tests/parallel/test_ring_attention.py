@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from attnlab.ops import masks
-from attnlab.parallel import ring_attention as ring_lib
+from attnlab.parallel import ring as ring_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The same float32 work as the single-device op, in another association order (the
