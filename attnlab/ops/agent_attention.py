@@ -97,7 +97,8 @@ def _xla(q, k, v, agents, agent_valid, *, agent_bias, query_bias, lengths, scale
 registry.describe("agent_attention", registry.MechanismInfo(
     paper="Han et al. 2024, Agent Attention: On the Integration of Softmax and Linear "
           "Attention", family="feature map", causal=False, non_causal=True, state="-",
-    cost="O(T A D), A = agents"))
+    cost="O(T A D), A = agents",
+    xla_path="two dot_product_attention calls"))
 registry.register("agent_attention", registry.Implementation(
     "reference", _reference, automatic=False))
 registry.register("agent_attention", registry.Implementation("xla", _xla, priority=10))

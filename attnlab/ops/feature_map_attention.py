@@ -605,10 +605,22 @@ _INFO = {
                        "K x (V + 1)"),
 }
 
+# The chunked op of attnlab.ops.linear_attention each xla tier runs on its features.
+_XLA_PATH = {
+    "efficient_attention": "chunked gla (per-channel running normalizer as the gate)",
+    "performer": "chunked simple_gla (running max of the key features as the gate)",
+    "lln_attention": "chunked simple_gla (running max of the key features as the gate)",
+    "cosformer": "chunked linear_attn",
+    "cottention": "chunked linear_attn",
+    "focused_linear_attention": "chunked linear_attn",
+    "slab_attention": "chunked linear_attn",
+}
+
 for _name, (_paper, _state) in _INFO.items():
   registry.describe(_name, registry.MechanismInfo(
       paper=_paper, family="feature map", causal=True, non_causal=True, state=_state,
-      cost="O(T C (K + V)) chunked, C = chunk size", step=_name + "_step"))
+      cost="O(T C (K + V)) chunked, C = chunk size", step=_name + "_step",
+      xla_path=_XLA_PATH[_name]))
   registry.register(_name, registry.Implementation(
       "reference", _tier(_name, True), automatic=False))
   registry.register(_name, registry.Implementation("xla", _tier(_name, False), priority=10))

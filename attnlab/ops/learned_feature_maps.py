@@ -256,7 +256,7 @@ def _default_scale(scale, head_dim):
 def _register(name, paper, state, cost):
   registry.describe(name, registry.MechanismInfo(
       paper=paper, family="feature map", causal=True, non_causal=True, state=state,
-      cost=cost, step=name + "_step"))
+      cost=cost, step=name + "_step", xla_path="chunked linear_attn"))
   registry.register(name, registry.Implementation(
       "reference", linear_core_reference, automatic=False))
   registry.register(name, registry.Implementation("xla", linear_core_xla, priority=10))

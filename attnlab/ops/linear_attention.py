@@ -84,7 +84,8 @@ _PAPERS = {
 for _name in MECHANISMS:
   registry.describe(_name, registry.MechanismInfo(
       paper=_PAPERS[_name], family="gated linear", causal=True, non_causal=False,
-      state="K x V", cost="O(T C (K + V)) chunked, C = chunk size", step=_name + "_step"))
+      state="K x V", cost="O(T C (K + V)) chunked, C = chunk size", step=_name + "_step",
+      xla_path="chunk-parallel recurrence (its own)"))
   registry.register(_name, registry.Implementation(
       "reference", linear_recurrence_reference, priority=0, automatic=False))
   registry.register(_name, registry.Implementation(

@@ -198,7 +198,8 @@ def _linformer_xla(q, k, v, e, f, *, lengths, scale):
 registry.describe("linformer", registry.MechanismInfo(
     paper="Wang et al. 2020, Linformer: Self-Attention with Linear Complexity",
     family="low rank", causal=False, non_causal=True, state="-",
-    cost="O(T k D), k = projected length"))
+    cost="O(T k D), k = projected length",
+    xla_path="dot_product_attention on projected keys and values"))
 registry.register("linformer", registry.Implementation(
     "reference", _linformer_reference, automatic=False))
 registry.register("linformer", registry.Implementation("xla", _linformer_xla, priority=10))
@@ -343,7 +344,8 @@ registry.describe("nystromformer", registry.MechanismInfo(
     paper="Xiong et al. 2021, Nystromformer: A Nystrom-Based Algorithm for Approximating "
           "Self-Attention",
     family="low rank", causal=False, non_causal=True, state="-",
-    cost="O(T m D + m^3), m = landmarks"))
+    cost="O(T m D + m^3), m = landmarks",
+    xla_path="dense landmark products, iterative pseudo-inverse"))
 registry.register("nystromformer", registry.Implementation(
     "reference", _nystrom_reference, automatic=False))
 registry.register("nystromformer", registry.Implementation("xla", _nystrom_xla, priority=10))

@@ -58,6 +58,8 @@ class MechanismInfo:
     cost: time in the sequence length T of the ``xla`` tier (``"O(T)"``, ``"O(T^2)"``,
       ``"O(T w)"``), with the per-token factor where it helps.
     step: the name of the decode-step function in ``attnlab.ops``, or None.
+    xla_path: what the ``xla`` tier runs (``"chunked linear_attn"``, ``"blockwise
+      softmax"``, ...): the shared path a mechanism reuses.
   """
 
   paper: str
@@ -67,8 +69,11 @@ class MechanismInfo:
   state: str
   cost: str
   step: str | None = None
+  xla_path: str = ""
 
   def __post_init__(self):
+    if not self.xla_path:
+      raise ValueError("MechanismInfo.xla_path must say what the xla tier runs")
     if self.family not in FAMILIES:
       raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
     if not (self.causal or self.non_causal):

@@ -56,7 +56,8 @@ def _reference(query, key, value, bias=None, mask=None, *, scale, logits_soft_ca
 registry.describe(MECHANISM, registry.MechanismInfo(
     paper="Vaswani et al. 2017; FlashAttention (Dao et al. 2022) for the blockwise form",
     family="softmax", causal=True, non_causal=True, state="KV cache, T x (K + V)",
-    cost="O(T^2 K), O(T w K) with a window; block-sparse masks skip empty blocks"))
+    cost="O(T^2 K), O(T w K) with a window; block-sparse masks skip empty blocks",
+    xla_path="blockwise online softmax (its own)"))
 registry.register(MECHANISM, registry.Implementation(
     "reference", _reference, priority=0, automatic=False))
 registry.register(MECHANISM, registry.Implementation(

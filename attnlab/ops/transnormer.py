@@ -119,7 +119,7 @@ registry.describe("transnormer_norm_attention", registry.MechanismInfo(
     paper="Qin et al. 2022, The Devil in Linear Transformer (TransNormer, NormAttention)",
     family="feature map", causal=True, non_causal=True, state="K x V",
     cost="O(T C (K + V)) chunked, C = chunk size",
-    step="transnormer_norm_attention_step"))
+    step="transnormer_norm_attention_step", xla_path="chunked linear_attn (no denominator)"))
 registry.register("transnormer_norm_attention", registry.Implementation(
     "reference", lfm.linear_core_reference, automatic=False))
 registry.register("transnormer_norm_attention", registry.Implementation(
@@ -194,7 +194,8 @@ def _diag_xla(q, k, v, *, block_size, causal, scale, lengths, segment_ids):
 registry.describe("transnormer_diag_attention", registry.MechanismInfo(
     paper="Qin et al. 2022, The Devil in Linear Transformer (TransNormer, DiagAttention)",
     family="softmax", causal=True, non_causal=True, state="block KV cache, w x (K + V)",
-    cost="O(T w K), w = block size", step="transnormer_diag_attention_step"))
+    cost="O(T w K), w = block size", step="transnormer_diag_attention_step",
+    xla_path="dot_product_attention, block-diagonal mask"))
 registry.register("transnormer_diag_attention", registry.Implementation(
     "reference", _diag_reference, automatic=False))
 registry.register("transnormer_diag_attention", registry.Implementation(
