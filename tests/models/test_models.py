@@ -80,8 +80,12 @@ def test_scan_and_remat_compute_the_unrolled_model(rng):
               g_u.embedder.embed.embedding[...]) < MODEL_F32
 
 
-CAUSAL_MIXERS = [n for n in layers.mixer_names()
-                 if "causal" in layers.mixer_forms(layers.mixer_class(n))]
+# The model's cache plumbing for each kind of decoder cache: KV (softmax), recurrent state
+# + convolution (the core linear mixers), a composite cache (based) and a block cache
+# (transnormer_diag). Every mixer's own prefill + decode is checked in
+# tests/layers/test_mixers.py.
+CAUSAL_MIXERS = ["softmax", "linear_attention", "retention", "simple_gla", "gla", "hgrn2",
+                 "mamba2", "deltanet", "gated_deltanet", "based", "transnormer_diag"]
 
 
 @pytest.mark.parametrize("mixer", CAUSAL_MIXERS)

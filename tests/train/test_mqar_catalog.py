@@ -18,8 +18,11 @@ def test_catalog_config_lists_every_causal_catalog_mixer():
       assert (name in causal) == ("causal" in layers.mixer_forms(cls)), name
 
 
-def test_every_catalog_mixer_trains_at_the_smoke_size(tmp_path):
+def test_catalog_mixers_train_by_name_at_the_smoke_size(tmp_path):
+  """The study runs catalog mixers by name (two of them here, to keep CI short; every
+  mixer's forward, gradients and decoding are tested in tests/layers/test_mixers.py)."""
   config = mqar_catalog.get_config("smoke")
+  config.mixers = ("performer", "hedgehog")
   config.train.steps = 3
   config.train.log_every = 1
   config.train.eval_every = 0
