@@ -69,6 +69,7 @@ import numpy as np
 from jax import lax
 
 from attnlab.ops import registry
+from attnlab.ops.linear_attention import _check_qkv  # the shared q/k/v checks
 from attnlab.ops.linear_attention import gla, linear_attn, simple_gla
 
 __all__ = [
@@ -629,21 +630,6 @@ for _name, (_paper, _state) in _INFO.items():
 # ------------------------------------------------------------------------ checks
 
 
-def _check_qkv(q, k, v):
-  q, k, v = (jnp.asarray(x) for x in (q, k, v))
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if x.ndim != 4:
-      raise ValueError(f"{name} must be [B, T, H, D], got {name}.shape={x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name} must be floating point, got {name}.dtype={x.dtype}")
-  if q.shape != k.shape:
-    raise ValueError(f"q and k must have the same shape [B, T, H, K], got "
-                     f"{q.shape=}, {k.shape=}")
-  if v.shape[:3] != q.shape[:3]:
-    raise ValueError(f"v must be [B, T, H, V] with q's B, T, H, got {q.shape=}, {v.shape=}")
-  if q.shape[1] == 0:
-    raise ValueError(f"sequence length must be positive, got {q.shape=}")
-  return q, k, v
 
 
 def _check_array(name, x, shape, kind=jnp.floating):
