@@ -20,6 +20,8 @@ import numpy as np
 from attnlab.ops import masks as masks_lib
 from attnlab.ops import registry
 from attnlab.ops.softmax_cudnn import cudnn_supports, dot_product_attention_cudnn
+from attnlab.ops.softmax_pallas import (KERNEL_BLOCK_SIZES, dot_product_attention_pallas,
+                                        pallas_supports)
 from attnlab.ops.softmax_reference import dot_product_attention_reference
 from attnlab.ops.softmax_xla import BlockSizes, dot_product_attention_xla
 
@@ -64,6 +66,8 @@ registry.register(MECHANISM, registry.Implementation(
     "xla", dot_product_attention_xla, priority=10))
 registry.register(MECHANISM, registry.Implementation(
     "cudnn", dot_product_attention_cudnn, supports=cudnn_supports, priority=20))
+registry.register(MECHANISM, registry.Implementation(
+    "pallas", dot_product_attention_pallas, supports=pallas_supports, priority=15))
 
 
 def _shape(x):
@@ -219,8 +223,9 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None, is_caus
       raise ValueError(f"sinks must have shape [N]=({num_heads},), got {sinks.shape=}")
     if not jnp.issubdtype(sinks.dtype, jnp.floating):
       raise ValueError(f"sinks must be floating point, got {sinks.dtype=}")
-  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-    raise ValueError(f"block_sizes must be attnlab.ops.BlockSizes, got {block_sizes!r}")
+  if block_sizes is not None and not isinstance(block_sizes, (BlockSizes,) + KERNEL_BLOCK_SIZES):
+    raise ValueError(f"block_sizes must be attnlab.ops.BlockSizes or a kernel's BlockSizes, "
+                     f"got {block_sizes!r}")
   call = AttentionCall(query, key, value, bias_mod, mask_obj, float(scale),
                        logits_soft_cap, sinks, block_sizes)
   return call, unbatched

@@ -1,0 +1,152 @@
+"""Softmax attention, pallas tier: the Pallas kernel of the current backend.
+
+On a GPU it runs ``pallas_kernels.gpu.flash_attention`` (Mosaic GPU, Hopper); on a TPU
+``pallas_kernels.tpu.flash_attention`` (Mosaic TPU). This module turns the canonical call
+into kernel arguments: static masks (causal, windows, the whole static vocabulary and
+their ``&`` / ``|``) go to the kernel as one mask object (element predicate and block
+summary), packed documents and right padding become segment ids, and inputs sharded over
+several devices run the kernel per shard inside ``shard_map`` (a Mosaic call cannot be
+partitioned by XLA) over the batch and head axes.
+
+What the GPU kernel takes, and so what automatic dispatch gives it: bfloat16 / float16,
+head dim 64 / 128 / 256, any lengths, GQA/MQA, static masks, documents, padding, soft
+cap, sinks. Score modifiers (ALiBi, bias arrays) and boolean mask arrays stay on the xla
+tier. The kernels' tests (``tests/ops/test_softmax_pallas.py``) run every one of those
+features against the float64 oracle, interpreted on CPU and compiled on an H100.
+
+``interpret_kernels("gpu" | "tpu")`` makes the tier run a kernel through its Pallas
+interpreter on any backend (slow; for tests and for reading a kernel on a laptop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnlab.ops import masks as masks_lib
+from attnlab.ops import registry
+from pallas_kernels.gpu import flash_attention as gpu_flash_attention
+
+# Block-size classes the pallas tier accepts through ``block_sizes=``.
+KERNEL_BLOCK_SIZES = (gpu_flash_attention.BlockSizes,)
+
+_STATE = threading.local()
+KERNEL_BACKENDS = ("gpu", "tpu")
+
+
+@contextlib.contextmanager
+def interpret_kernels(backend: str):
+  """Within the block, the pallas tier runs ``backend``'s kernel in its interpreter."""
+  if backend not in KERNEL_BACKENDS:
+    raise ValueError(f"backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+  previous = getattr(_STATE, "interpret", None)
+  _STATE.interpret = backend
+  try:
+    yield
+  finally:
+    _STATE.interpret = previous
+
+
+def _target() -> tuple[str | None, bool]:
+  """(kernel backend, interpreted) for the current context, or (None, False)."""
+  interpret = getattr(_STATE, "interpret", None)
+  if interpret is not None:
+    return interpret, True
+  backend = registry.current_backend()
+  return (backend, False) if backend in KERNEL_BACKENDS else (None, False)
+
+
+def _kernel_module(backend):
+  if backend == "gpu":
+    return gpu_flash_attention
+  from pallas_kernels.tpu import flash_attention
+  return flash_attention
+
+
+def _split_mask(mask):
+  """(static mask or None, documents list, padding list, reason or None)."""
+  static, docs, pads = [], [], []
+  for part in masks_lib.components(mask):
+    if part.is_static:
+      static.append(part)
+    elif isinstance(part, masks_lib.Documents):
+      docs.append(part)
+    elif isinstance(part, masks_lib.Padding):
+      pads.append(part)
+    else:
+      return None, [], [], (f"the kernels take static masks, documents and padding, not "
+                            f"{type(part).__name__}")
+  if len(docs) > 1:
+    return None, [], [], "the kernels take one Documents mask, got several AND-ed together"
+  return masks_lib.combine_masks(*static), docs, pads, None
+
+
+def pallas_supports(call) -> str | None:
+  """None when the current backend's kernel can run ``call``, else the reason."""
+  backend, _ = _target()
+  if backend is None:
+    return (f"the Pallas kernels run on GPU (Mosaic GPU) and TPU (Mosaic TPU), the backend "
+            f"is {registry.current_backend()!r}")
+  if backend == "tpu":
+    return "the TPU kernel is not wired into the pallas tier yet"
+  if call.query.dtype not in (jnp.bfloat16, jnp.float16):
+    return (f"the GPU kernel takes bfloat16 / float16 inputs (wgmma operands), got "
+            f"{call.query.dtype}")
+  if call.query.shape[-1] not in (64, 128, 256):
+    return f"the GPU kernel takes head dims 64, 128 and 256, got {call.query.shape[-1]}"
+  if call.bias is not None:
+    return "score modifiers and bias arrays run on the xla tier"
+  return _split_mask(call.mask)[3]
+
+
+def _segment_ids(docs, pads, batch, q_len, kv_len):
+  """Documents and right padding as one pair of segment-id arrays (or None, None).
+
+  Padding becomes ids no real token shares: queries past their length get the int32
+  minimum, keys past theirs the maximum, so those pairs never match."""
+  if not docs and not pads:
+    return None, None
+  q_ids = jnp.zeros((batch, q_len), jnp.int32)
+  kv_ids = jnp.zeros((batch, kv_len), jnp.int32)
+  for doc in docs:
+    q_ids = doc.q_segment_ids.astype(jnp.int32)
+    kv_ids = doc.kv_segment_ids.astype(jnp.int32)
+  info = np.iinfo(np.int32)
+  for pad in pads:
+    if pad.q_lengths is not None:
+      rows = jnp.arange(q_len)[None, :] < pad.q_lengths[:, None]
+      q_ids = jnp.where(rows, q_ids, info.min)
+    if pad.kv_lengths is not None:
+      cols = jnp.arange(kv_len)[None, :] < pad.kv_lengths[:, None]
+      kv_ids = jnp.where(cols, kv_ids, info.max)
+  return q_ids, kv_ids
+
+
+def dot_product_attention_pallas(query, key, value, bias=None, mask=None, *, scale,
+                                 logits_soft_cap=None, sinks=None, block_sizes=None):
+  """The current backend's kernel; same canonical arguments and result as the others.
+
+  ``block_sizes``: the kernel's own ``BlockSizes`` (``pallas_kernels.gpu.flash_attention
+  .BlockSizes``) or None for its defaults; the xla tier's ``attnlab.ops.BlockSizes`` does
+  not apply to kernels and is ignored."""
+  backend, interpret = _target()
+  if backend is None:
+    raise ValueError(pallas_supports(None))
+  if bias is not None:
+    raise ValueError("the pallas tier takes no bias or score modifiers")
+  static, docs, pads, reason = _split_mask(mask)
+  if reason is not None:
+    raise ValueError(reason)
+  kernel = _kernel_module(backend)
+  if not isinstance(block_sizes, kernel.BlockSizes):
+    block_sizes = None
+  batch, q_len = query.shape[:2]
+  q_ids, kv_ids = _segment_ids(docs, pads, batch, q_len, key.shape[1])
+  return kernel.flash_attention(
+      query, key, value, scale=scale, soft_cap=logits_soft_cap, sinks=sinks, mask=static,
+      q_segment_ids=q_ids, kv_segment_ids=kv_ids, block_sizes=block_sizes,
+      interpret=interpret)

@@ -1,0 +1,746 @@
+"""Flash attention for Hopper GPUs in Mosaic GPU (``jax.experimental.pallas.mosaic_gpu``).
+
+Forward and backward of softmax attention in attnlab's layout ``q [B, T, N, H]``,
+``k, v [B, S, K, H]`` (GQA/MQA: query head ``n`` reads key/value head ``n // (N // K)``,
+never a repeated copy), with a static mask given by its element predicate and its block
+summary, packed documents (segment ids), a soft cap and learned sinks.
+
+Each kernel runs three warpgroups per CTA: two compute warpgroups own ``block_q`` query
+rows each (``block_k`` keys each in the dk/dv pass) and a producer warpgroup streams the
+other operand's blocks through a ring of shared-memory slots with TMA copies, waiting for
+the compute warpgroups to release a slot before refilling it. Both sides walk the same
+per-tile block list: the non-empty blocks of the mask's summary, the PARTIAL ones first
+(scores masked element by element) and the FULL ones after (no predicate), so empty
+blocks are never loaded and full ones pay no mask arithmetic. Matrix products are
+``wgmma`` with float32 accumulators in registers; the softmax runs in base 2 with the
+row maximum kept in the scaled domain.
+
+The backward is two kernels: dq (per query tile, over its key blocks) and dk/dv (per key
+tile, over the query blocks of every query head of its group, so GQA gradients are summed
+in registers). ``delta = rowsum(dO * O)`` and the sink gradient are computed outside, in
+XLA, from the saved base-2 log-sum-exp.
+
+Runs on an H100/H200 (sm_90a) and, slowly, on CPU through the Mosaic GPU interpreter of
+jax 0.10.2 (``interpret=True``; see ``pallas_kernels/gpu/_interpret.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+import jax.experimental.pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.gpu import _interpret
+
+LOG2E = math.log2(math.e)
+EMPTY, PARTIAL, FULL = 0, 1, 2
+_COMPUTE_WGS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile shapes. ``block_q`` rows per compute warpgroup (two per CTA), ``block_k`` keys
+  per streamed block, ``stages`` shared-memory slots in the K/V ring; ``*_bwd`` the same
+  for the backward kernels (queries per streamed block in the dk/dv pass)."""
+
+  block_q: int = 64
+  block_k: int = 128
+  stages: int = 2
+  block_q_bwd: int = 64
+  block_k_bwd: int = 64
+  stages_bwd: int = 2
+
+  def __post_init__(self):
+    for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0 or value % 64:
+        raise ValueError(f"BlockSizes.{name} must be a positive multiple of 64, got {value!r}")
+    for name in ("stages", "stages_bwd"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"BlockSizes.{name} must be a positive int, got "
+                         f"{getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  scale: float
+  soft_cap: float | None
+  mask: object            # static predicate(q_idx, kv_idx) or None
+  kv_len: int             # real key length; keys at or past it are padding
+  groups: int             # query heads per key/value head
+  has_sinks: bool
+  has_segments: bool
+  sizes: BlockSizes
+  interpret: bool
+
+
+# ----------------------------------------------------------------------- block lists
+
+
+def _summary(mask, q_len, kv_len, rows, cols):
+  """``[nq, nk]`` codes for tiles of ``rows`` x ``cols``; keys past ``kv_len`` are empty."""
+  if mask is None:
+    summary = np.full((-(-q_len // rows), -(-kv_len // cols)), FULL, np.int8)
+  else:
+    summary = np.array(mask.block_summary(q_len, kv_len, rows, cols), np.int8)
+  if kv_len % cols:
+    # The kernels' last key block reaches into the padding: never skip the bound check.
+    summary[:, -1] = np.minimum(summary[:, -1], PARTIAL)
+  return summary
+
+
+def _lists(summary, n):
+  """Per row of ``summary``: its non-empty columns, PARTIAL first; their count; and how
+  many are PARTIAL. Returns int32 ``[n, m]``, ``[n, 2]`` (count, partial); rows past the
+  summary's (tiles of padding only) visit nothing."""
+  m = summary.shape[1]
+  order = np.zeros((n, m), np.int32)
+  meta = np.zeros((n, 2), np.int32)
+  for i in range(summary.shape[0]):
+    partial = np.flatnonzero(summary[i] == PARTIAL)
+    full = np.flatnonzero(summary[i] == FULL)
+    row = np.concatenate([partial, full])
+    order[i, :row.size] = row
+    meta[i] = row.size, partial.size
+  return order, meta
+
+
+# ------------------------------------------------------------------------- in-kernel
+
+
+def _swizzled(shape, dtype):
+  """Shared memory for a wgmma operand: 64-element rows of 16-bit values, 128B swizzle."""
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
+                                              plgpu.SwizzleTransform(128)))
+
+
+def _cast(x, layout, interpret):
+  """Fix the register layout of ``x`` (the interpreter has no layouts and no layout_cast)."""
+  return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def _load(ref, layout, interpret):
+  """A shared-memory vector into registers in ``layout``."""
+  return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+
+
+def _zeros(shape, interpret):
+  return _cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA, interpret)
+
+
+def _full_rows(n, value, interpret):
+  return _cast(jnp.full((n,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1), interpret)
+
+
+def _matmul(a, b, shape, interpret, transpose_b=False):
+  """``a @ b`` (``a @ b.T`` with ``transpose_b``) into a fresh float32 accumulator.
+
+  ``a`` is a shared-memory ref or a register array, ``b`` a shared-memory ref. The
+  interpreter's wgmma takes no transposed operand, so interpreted runs multiply with
+  ``jnp.dot`` at float32 accumulation instead: the same arithmetic."""
+  if interpret:
+    a = a[...] if not isinstance(a, jax.Array) else a
+    b = b[...].T if transpose_b else b[...]
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+  b = plgpu.transpose_ref(b, (1, 0)) if transpose_b else b
+  def body(acc):
+    plgpu.wgmma(acc, a, b)
+    return acc[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _matmul_add(acc, a, b, interpret, transpose_b=False):
+  """``acc + a @ b``, accumulated in place by the tensor cores (no ``run_state`` in the
+  interpreter: it adds a fresh product)."""
+  if interpret:
+    return acc + _matmul(a, b, acc.shape, interpret, transpose_b)
+  b = plgpu.transpose_ref(b, (1, 0)) if transpose_b else b
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+  return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def _allowed(static, q_base, kv_base, shape, transposed, partial, q_seg=None, kv_seg=None):
+  """Which ``(query, key)`` pairs of a tile may attend, in the WGMMA register layout.
+
+  ``shape`` is ``[queries, keys]`` (``[keys, queries]`` when ``transposed``). None when
+  nothing needs masking (a FULL block without documents)."""
+  q_dim, k_dim = (1, 0) if transposed else (0, 1)
+  ok = None
+  if partial:
+    iota = lambda dim: _cast(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA,
+                             static.interpret)
+    q_idx, kv_idx = iota(q_dim) + q_base, iota(k_dim) + kv_base
+    ok = kv_idx < static.kv_len
+    if static.mask is not None:
+      ok = ok & static.mask.predicate(q_idx, kv_idx)
+  if static.has_segments:
+    same = (lax.broadcast_in_dim(q_seg, shape, [q_dim])
+            == lax.broadcast_in_dim(kv_seg, shape, [k_dim]))
+    ok = same if ok is None else ok & same
+  return ok
+
+
+def _logits(static, s):
+  """Scores in base 2 (``log2(e) * logit``) and ``tanh`` of the soft cap (or None)."""
+  if static.soft_cap is None:
+    return s * (static.scale * LOG2E), None
+  t = jnp.tanh(s * (static.scale / static.soft_cap))
+  return t * (static.soft_cap * LOG2E), t
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def _forward_kernel(static, refs, scratch):
+  q_ref, k_ref, v_ref, order_ref, meta_ref = (refs[n] for n in ("q", "k", "v", "order", "meta"))
+  sinks_ref, qseg_ref, kvseg_ref = refs.get("sinks"), refs.get("qseg"), refs.get("kvseg")
+  o_ref, lse_ref = refs["o"], refs["lse"]
+  (q_smem, k_smem, v_smem, lse_smem, (qseg_smem, kvseg_smem),
+   q_bar, k_bar, v_bar, seg_bar, k_free, v_free) = scratch
+  sizes = static.sizes
+  bq, bk, stages = sizes.block_q, sizes.block_k, sizes.stages
+  tile, head, batch = lax.axis_index("tile"), lax.axis_index("head"), lax.axis_index("batch")
+  wg = lax.axis_index("wg")
+  kv_head = lax.div(head, jnp.int32(static.groups))
+  count, n_partial = meta_ref[tile, 0], meta_ref[tile, 1]
+
+  @pl.when(wg < _COMPUTE_WGS)
+  def _compute():
+    if not static.interpret:
+      plgpu.set_max_registers(232, action="increase")
+    q_base = tile * (_COMPUTE_WGS * bq) + wg * bq
+    q_tile, lse_tile = q_smem.at[wg], lse_smem.at[wg]
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_base, bq), head], q_tile, q_bar.at[wg])
+    q_seg = None
+    if static.has_segments:
+      plgpu.copy_gmem_to_smem(qseg_ref.at[batch, pl.ds(q_base, bq)], qseg_smem.at[wg],
+                              seg_bar.at[wg])
+      plgpu.barrier_wait(seg_bar.at[wg])
+      q_seg = _load(qseg_smem.at[wg], plgpu.Layout.WGMMA.reduce(1), static.interpret)
+    plgpu.barrier_wait(q_bar.at[wg])
+    if static.has_sinks:
+      m0 = _full_rows(bq, 0.0, static.interpret) + sinks_ref[head] * LOG2E
+      l0 = _full_rows(bq, 1.0, static.interpret)
+    else:
+      m0 = _full_rows(bq, -jnp.inf, static.interpret)
+      l0 = _full_rows(bq, 0.0, static.interpret)
+
+    def step(s, carry, partial):
+      acc, m, l = carry
+      slot = lax.rem(s, jnp.int32(stages))
+      kv_base = order_ref[tile, s] * bk
+      plgpu.barrier_wait(k_bar.at[slot])
+      scores = _matmul(q_tile, k_smem.at[slot], (bq, bk), static.interpret, transpose_b=True)
+      kv_seg = None
+      if static.has_segments:
+        kv_seg = _load(kvseg_smem.at[slot], plgpu.Layout.WGMMA.reduce(0), static.interpret)
+      plgpu.barrier_arrive(k_free.at[slot])
+      x, _ = _logits(static, scores)
+      ok = _allowed(static, q_base, kv_base, (bq, bk), False, partial, q_seg, kv_seg)
+      if ok is not None:
+        x = jnp.where(ok, x, -jnp.inf)
+      m_new = jnp.maximum(m, x.max(axis=1))
+      # A row with nothing allowed yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
+      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      p = jnp.exp2(x - lax.broadcast_in_dim(m_use, (bq, bk), [0]))
+      alpha = jnp.exp2(m - m_use)
+      l = l * alpha + p.sum(axis=1)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      plgpu.barrier_wait(v_bar.at[slot])
+      acc = _matmul_add(acc, p.astype(v_smem.dtype), v_smem.at[slot], static.interpret)
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc, m_new, l
+
+    head_dim = q_tile.shape[-1]
+    carry = (_zeros((bq, head_dim), static.interpret), m0, l0)
+    carry = lax.fori_loop(0, n_partial, functools.partial(step, partial=True), carry)
+    acc, m, l = lax.fori_loop(n_partial, count, functools.partial(step, partial=False), carry)
+    seen = l > 0.0
+    inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
+    acc = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+    m_use = jnp.where(m == -jnp.inf, 0.0, m)
+    lse_tile[...] = jnp.where(seen, m_use + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
+    q_tile[...] = acc.astype(q_tile.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_tile, o_ref.at[batch, pl.ds(q_base, bq), head])
+    plgpu.copy_smem_to_gmem(lse_tile, lse_ref.at[batch, head, pl.ds(q_base, bq)])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == _COMPUTE_WGS)
+  def _produce():
+    if not static.interpret:
+      plgpu.set_max_registers(40, action="decrease")
+
+    def load(s):
+      slot = lax.rem(s, jnp.int32(stages))
+      kv_base = order_ref[tile, s] * bk
+      rows = (batch, pl.ds(kv_base, bk), kv_head)
+      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+      if static.has_segments:
+        # The segment ids ride on the key barrier (two arrivals): one wait covers both.
+        plgpu.copy_gmem_to_smem(kvseg_ref.at[batch, pl.ds(kv_base, bk)],
+                                kvseg_smem.at[slot], k_bar.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+
+    _produce_ring(load, count, stages, (k_free, v_free))
+
+
+def _forward(static, q, k, v, sinks, q_seg, kv_seg, order, meta):
+  batch, q_pad, num_heads, head_dim = q.shape
+  sizes = static.sizes
+  bq, bk, stages = sizes.block_q, sizes.block_k, sizes.stages
+  dtype = q.dtype
+  n_tiles = q_pad // (_COMPUTE_WGS * bq)
+  seg_type = plgpu.SMEM((_COMPUTE_WGS, bq), jnp.int32) if static.has_segments else None
+  kvseg_type = plgpu.SMEM((stages, bk), jnp.int32) if static.has_segments else None
+  scratch = (
+      _swizzled((_COMPUTE_WGS, bq, head_dim), dtype),
+      _swizzled((stages, bk, head_dim), dtype),
+      _swizzled((stages, bk, head_dim), dtype),
+      plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32),
+      [seg_type, kvseg_type],
+      plgpu.Barrier(num_barriers=_COMPUTE_WGS),
+      plgpu.Barrier(num_arrivals=2 if static.has_segments else 1, num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=_COMPUTE_WGS),
+      plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+  )
+
+  inputs = dict(q=q, k=k, v=v, order=order, meta=meta, sinks=sinks, qseg=q_seg, kvseg=kv_seg)
+  inputs = {n: x for n, x in inputs.items() if x is not None}
+
+  def entry(*refs):
+    refs = dict(zip(list(inputs) + ["o", "lse"], refs))
+    pl.run_scoped(lambda *smem: _forward_kernel(static, refs, smem), *scratch,
+                  collective_axes="wg")
+
+  out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
+              jax.ShapeDtypeStruct((batch, num_heads, q_pad), jnp.float32))
+  return plgpu.kernel(
+      entry, out_type=out_type, grid=(n_tiles, num_heads, batch),
+      grid_names=("tile", "head", "batch"), num_threads=_COMPUTE_WGS + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret.params() if static.interpret else None,
+  )(*inputs.values())
+
+
+# -------------------------------------------------------------------------- backward
+
+
+def _launch(static, kernel, inputs, out_type, grid, scratch):
+  """Run ``kernel(static, refs, scratch_refs)`` on ``grid`` = (tile, head, batch) with two
+  compute warpgroups and a producer; ``inputs`` is an ordered dict (None entries dropped)
+  and the outputs join ``refs`` under ``out_type``'s names."""
+  inputs = {n: x for n, x in inputs.items() if x is not None}
+  names = list(inputs) + list(out_type)
+
+  def entry(*refs):
+    refs = dict(zip(names, refs))
+    pl.run_scoped(lambda *smem: kernel(static, refs, smem), *scratch, collective_axes="wg")
+
+  return plgpu.kernel(
+      entry, out_type=tuple(out_type.values()), grid=grid,
+      grid_names=("tile", "head", "batch"), num_threads=_COMPUTE_WGS + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret.params() if static.interpret else None,
+  )(*inputs.values())
+
+
+def _dq_kernel(static, refs, scratch):
+  (q_smem, do_smem, lse_smem, delta_smem, qseg_smem, k_smem, v_smem, kvseg_smem,
+   row_bar, k_bar, v_bar, k_free, v_free) = scratch
+  sizes = static.sizes
+  bq, bk, stages = sizes.block_q_bwd, sizes.block_k_bwd, sizes.stages_bwd
+  tile, head, batch = lax.axis_index("tile"), lax.axis_index("head"), lax.axis_index("batch")
+  wg = lax.axis_index("wg")
+  order_ref, meta_ref = refs["order"], refs["meta"]
+  count, n_partial = meta_ref[tile, 0], meta_ref[tile, 1]
+  interpret = static.interpret
+
+  @pl.when(wg < _COMPUTE_WGS)
+  def _compute():
+    if not interpret:
+      plgpu.set_max_registers(232, action="increase")
+    q_base = tile * (_COMPUTE_WGS * bq) + wg * bq
+    rows = (batch, pl.ds(q_base, bq), head)
+    vec = (batch, head, pl.ds(q_base, bq))
+    plgpu.copy_gmem_to_smem(refs["q"].at[rows], q_smem.at[wg], row_bar.at[wg])
+    plgpu.copy_gmem_to_smem(refs["do"].at[rows], do_smem.at[wg], row_bar.at[wg])
+    plgpu.copy_gmem_to_smem(refs["lse"].at[vec], lse_smem.at[wg], row_bar.at[wg])
+    plgpu.copy_gmem_to_smem(refs["delta"].at[vec], delta_smem.at[wg], row_bar.at[wg])
+    if static.has_segments:
+      plgpu.copy_gmem_to_smem(refs["qseg"].at[batch, pl.ds(q_base, bq)], qseg_smem.at[wg],
+                              row_bar.at[wg])
+    plgpu.barrier_wait(row_bar.at[wg])
+    row = plgpu.Layout.WGMMA.reduce(1)
+    lse = _load(lse_smem.at[wg], row, interpret)
+    delta = _load(delta_smem.at[wg], row, interpret)
+    q_seg = _load(qseg_smem.at[wg], row, interpret) if static.has_segments else None
+    q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
+
+    def step(s, dq, partial):
+      slot = lax.rem(s, jnp.int32(stages))
+      kv_base = order_ref[tile, s] * bk
+      plgpu.barrier_wait(k_bar.at[slot])
+      scores = _matmul(q_tile, k_smem.at[slot], (bq, bk), interpret, transpose_b=True)
+      kv_seg = None
+      if static.has_segments:
+        kv_seg = _load(kvseg_smem.at[slot], plgpu.Layout.WGMMA.reduce(0), interpret)
+      x, t = _logits(static, scores)
+      ok = _allowed(static, q_base, kv_base, (bq, bk), False, partial, q_seg, kv_seg)
+      if ok is not None:
+        x = jnp.where(ok, x, -jnp.inf)
+      p = jnp.exp2(x - lax.broadcast_in_dim(lse, (bq, bk), [0]))
+      plgpu.barrier_wait(v_bar.at[slot])
+      dp = _matmul(do_tile, v_smem.at[slot], (bq, bk), interpret, transpose_b=True)
+      plgpu.barrier_arrive(v_free.at[slot])
+      ds = p * (dp - lax.broadcast_in_dim(delta, (bq, bk), [0]))
+      if t is not None:
+        ds = ds * (1.0 - t * t)
+      dq = _matmul_add(dq, ds.astype(k_smem.dtype), k_smem.at[slot], interpret)
+      plgpu.barrier_arrive(k_free.at[slot])
+      return dq
+
+    dq = _zeros((bq, q_tile.shape[-1]), interpret)
+    dq = lax.fori_loop(0, n_partial, functools.partial(step, partial=True), dq)
+    dq = lax.fori_loop(n_partial, count, functools.partial(step, partial=False), dq)
+    q_tile[...] = (dq * static.scale).astype(q_tile.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_tile, refs["dq"].at[rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == _COMPUTE_WGS)
+  def _produce():
+    if not interpret:
+      plgpu.set_max_registers(40, action="decrease")
+    kv_head = lax.div(head, jnp.int32(static.groups))
+
+    def load(s):
+      slot = lax.rem(s, jnp.int32(stages))
+      kv_base = order_ref[tile, s] * bk
+      rows = (batch, pl.ds(kv_base, bk), kv_head)
+      plgpu.copy_gmem_to_smem(refs["k"].at[rows], k_smem.at[slot], k_bar.at[slot])
+      if static.has_segments:
+        plgpu.copy_gmem_to_smem(refs["kvseg"].at[batch, pl.ds(kv_base, bk)],
+                                kvseg_smem.at[slot], k_bar.at[slot])
+      plgpu.copy_gmem_to_smem(refs["v"].at[rows], v_smem.at[slot], v_bar.at[slot])
+
+    _produce_ring(load, count, stages, (k_free, v_free))
+
+
+def _produce_ring(load, count, stages, free_barriers):
+  """The producer's loop: fill the ring, refill each slot once its consumers free it, and
+  finally wait for the last frees too, so that every barrier phase is observed by every
+  thread that uses the barrier (the interpreter checks this)."""
+  stages = jnp.int32(stages)
+
+  def wait_free(s):
+    slot = lax.rem(s, stages)
+    for bar in free_barriers:
+      plgpu.barrier_wait(bar.at[slot])
+
+  def fill(s, _):
+    load(s)
+
+  def refill(s, _):
+    wait_free(s - stages)
+    load(s)
+
+  lax.fori_loop(0, jnp.minimum(count, stages), fill, None)
+  lax.fori_loop(stages, count, refill, None)
+  lax.fori_loop(jnp.maximum(count - stages, 0), count, lambda s, _: wait_free(s), None)
+
+
+def _dkv_kernel(static, refs, scratch):
+  (k_smem, v_smem, kvseg_smem, q_smem, do_smem, lse_smem, delta_smem, qseg_smem,
+   col_bar, q_bar, do_bar, q_free, do_free) = scratch
+  sizes = static.sizes
+  bq, bk, stages = sizes.block_q_bwd, sizes.block_k_bwd, sizes.stages_bwd
+  tile, kv_head, batch = lax.axis_index("tile"), lax.axis_index("head"), lax.axis_index("batch")
+  wg = lax.axis_index("wg")
+  order_ref, meta_ref = refs["order"], refs["meta"]
+  count, n_partial = meta_ref[tile, 0], meta_ref[tile, 1]
+  groups = static.groups
+  interpret = static.interpret
+
+  @pl.when(wg < _COMPUTE_WGS)
+  def _compute():
+    if not interpret:
+      plgpu.set_max_registers(232, action="increase")
+    kv_base = tile * (_COMPUTE_WGS * bk) + wg * bk
+    cols = (batch, pl.ds(kv_base, bk), kv_head)
+    plgpu.copy_gmem_to_smem(refs["k"].at[cols], k_smem.at[wg], col_bar.at[wg])
+    plgpu.copy_gmem_to_smem(refs["v"].at[cols], v_smem.at[wg], col_bar.at[wg])
+    if static.has_segments:
+      plgpu.copy_gmem_to_smem(refs["kvseg"].at[batch, pl.ds(kv_base, bk)], kvseg_smem.at[wg],
+                              col_bar.at[wg])
+    plgpu.barrier_wait(col_bar.at[wg])
+    k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
+    kv_seg = None
+    if static.has_segments:
+      kv_seg = _load(kvseg_smem.at[wg], plgpu.Layout.WGMMA.reduce(1), interpret)
+    col = plgpu.Layout.WGMMA.reduce(0)
+
+    def step(i, carry, g, partial):
+      dk, dv = carry
+      s = g * count + i
+      slot = lax.rem(s, jnp.int32(stages))
+      q_base = order_ref[tile, i] * bq
+      plgpu.barrier_wait(q_bar.at[slot])
+      scores_t = _matmul(k_tile, q_smem.at[slot], (bk, bq), interpret, transpose_b=True)
+      lse = _load(lse_smem.at[slot], col, interpret)
+      q_seg = _load(qseg_smem.at[slot], col, interpret) if static.has_segments else None
+      x, t = _logits(static, scores_t)
+      ok = _allowed(static, q_base, kv_base, (bk, bq), True, partial, q_seg, kv_seg)
+      if ok is not None:
+        x = jnp.where(ok, x, -jnp.inf)
+      p_t = jnp.exp2(x - lax.broadcast_in_dim(lse, (bk, bq), [1]))
+      plgpu.barrier_wait(do_bar.at[slot])
+      dv = _matmul_add(dv, p_t.astype(do_smem.dtype), do_smem.at[slot], interpret)
+      dp_t = _matmul(v_tile, do_smem.at[slot], (bk, bq), interpret, transpose_b=True)
+      delta = _load(delta_smem.at[slot], col, interpret)
+      plgpu.barrier_arrive(do_free.at[slot])
+      ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (bk, bq), [1]))
+      if t is not None:
+        ds_t = ds_t * (1.0 - t * t)
+      dk = _matmul_add(dk, ds_t.astype(q_smem.dtype), q_smem.at[slot], interpret)
+      plgpu.barrier_arrive(q_free.at[slot])
+      return dk, dv
+
+    def group(g, carry):
+      carry = lax.fori_loop(0, n_partial, functools.partial(step, g=g, partial=True), carry)
+      return lax.fori_loop(n_partial, count, functools.partial(step, g=g, partial=False), carry)
+
+    head_dim = k_tile.shape[-1]
+    zeros = _zeros((bk, head_dim), interpret)
+    dk, dv = lax.fori_loop(0, groups, group, (zeros, zeros))
+    k_tile[...] = (dk * static.scale).astype(k_tile.dtype)
+    v_tile[...] = dv.astype(v_tile.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_tile, refs["dk"].at[cols])
+    plgpu.copy_smem_to_gmem(v_tile, refs["dv"].at[cols])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == _COMPUTE_WGS)
+  def _produce():
+    if not interpret:
+      plgpu.set_max_registers(40, action="decrease")
+
+    def load(s):
+      slot = lax.rem(s, jnp.int32(stages))
+      g, i = lax.div(s, count), lax.rem(s, count)
+      q_base = order_ref[tile, i] * bq
+      head = kv_head * groups + g
+      rows = (batch, pl.ds(q_base, bq), head)
+      vec = (batch, head, pl.ds(q_base, bq))
+      plgpu.copy_gmem_to_smem(refs["q"].at[rows], q_smem.at[slot], q_bar.at[slot])
+      plgpu.copy_gmem_to_smem(refs["lse"].at[vec], lse_smem.at[slot], q_bar.at[slot])
+      if static.has_segments:
+        plgpu.copy_gmem_to_smem(refs["qseg"].at[batch, pl.ds(q_base, bq)],
+                                qseg_smem.at[slot], q_bar.at[slot])
+      plgpu.copy_gmem_to_smem(refs["do"].at[rows], do_smem.at[slot], do_bar.at[slot])
+      plgpu.copy_gmem_to_smem(refs["delta"].at[vec], delta_smem.at[slot], do_bar.at[slot])
+
+    _produce_ring(load, groups * count, stages, (q_free, do_free))
+
+
+def _backward(static, q, k, v, sinks, q_seg, kv_seg, lse, delta, do, lists):
+  (dq_order, dq_meta), (dkv_order, dkv_meta) = lists
+  batch, q_pad, num_heads, head_dim = q.shape
+  kv_pad, num_kv = k.shape[1], k.shape[2]
+  sizes = static.sizes
+  bq, bk, stages = sizes.block_q_bwd, sizes.block_k_bwd, sizes.stages_bwd
+  dtype = q.dtype
+  seg = static.has_segments
+  w = _COMPUTE_WGS
+  del sinks  # the sink gradient is computed outside the kernels
+
+  def opt(shape, dtype_):
+    return plgpu.SMEM(shape, dtype_) if seg else None
+
+  dq_scratch = (
+      _swizzled((w, bq, head_dim), dtype), _swizzled((w, bq, head_dim), dtype),
+      plgpu.SMEM((w, bq), jnp.float32), plgpu.SMEM((w, bq), jnp.float32),
+      opt((w, bq), jnp.int32),
+      _swizzled((stages, bk, head_dim), dtype), _swizzled((stages, bk, head_dim), dtype),
+      opt((stages, bk), jnp.int32),
+      plgpu.Barrier(num_arrivals=5 if seg else 4, num_barriers=w),
+      plgpu.Barrier(num_arrivals=2 if seg else 1, num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_arrivals=w, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=w, num_barriers=stages),
+  )
+  dq, = _launch(
+      static, _dq_kernel,
+      dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, order=dq_order, meta=dq_meta,
+           qseg=q_seg, kvseg=kv_seg),
+      dict(dq=jax.ShapeDtypeStruct(q.shape, dtype)),
+      (q_pad // (w * bq), num_heads, batch), dq_scratch)
+
+  dkv_scratch = (
+      _swizzled((w, bk, head_dim), dtype), _swizzled((w, bk, head_dim), dtype),
+      opt((w, bk), jnp.int32),
+      _swizzled((stages, bq, head_dim), dtype), _swizzled((stages, bq, head_dim), dtype),
+      plgpu.SMEM((stages, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.float32),
+      opt((stages, bq), jnp.int32),
+      plgpu.Barrier(num_arrivals=3 if seg else 2, num_barriers=w),
+      plgpu.Barrier(num_arrivals=3 if seg else 2, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=w, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=w, num_barriers=stages),
+  )
+  dk, dv = _launch(
+      static, _dkv_kernel,
+      dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, order=dkv_order, meta=dkv_meta,
+           qseg=q_seg, kvseg=kv_seg),
+      dict(dk=jax.ShapeDtypeStruct(k.shape, dtype), dv=jax.ShapeDtypeStruct(v.shape, dtype)),
+      (kv_pad // (w * bk), num_kv, batch), dkv_scratch)
+  return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- wrapper
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def _pad_to(x, length, axis, value=0):
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, length - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value) if length != x.shape[axis] else x
+
+
+def check_inputs(q, k, v, block_sizes=None):
+  """Raise ValueError if the kernels cannot run these shapes / dtypes; else None."""
+  sizes = block_sizes or BlockSizes()
+  if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
+    raise ValueError(f"need q [B, T, N, H] and k, v [B, S, K, H], got {q.shape=}, "
+                     f"{k.shape=}, {v.shape=}")
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    raise ValueError(f"the GPU kernels take bfloat16 or float16 q, k, v (wgmma operands), "
+                     f"got {q.dtype=}, {k.dtype=}, {v.dtype=}")
+  if q.shape[-1] not in (64, 128, 256):
+    raise ValueError(f"head dim must be 64, 128 or 256, got {q.shape[-1]}")
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"query heads {q.shape[2]} must be a multiple of key heads {k.shape[2]}")
+  del sizes
+
+
+def _pad_multiples(sizes):
+  q_mult = math.lcm(_COMPUTE_WGS * sizes.block_q, _COMPUTE_WGS * sizes.block_q_bwd)
+  kv_mult = math.lcm(sizes.block_k, _COMPUTE_WGS * sizes.block_k_bwd)
+  return q_mult, kv_mult
+
+
+@functools.lru_cache(maxsize=64)
+def _block_lists(static, q_len, kv_len, q_pad, kv_pad):
+  """The forward's, the dq pass's and the dk/dv pass's block lists (NumPy, per shape)."""
+  sizes, w = static.sizes, _COMPUTE_WGS
+  fwd = _lists(_summary(static.mask, q_len, kv_len, w * sizes.block_q, sizes.block_k),
+               q_pad // (w * sizes.block_q))
+  dq = _lists(_summary(static.mask, q_len, kv_len, w * sizes.block_q_bwd, sizes.block_k_bwd),
+              q_pad // (w * sizes.block_q_bwd))
+  dkv = _lists(_summary(static.mask, q_len, kv_len, sizes.block_q_bwd,
+                        w * sizes.block_k_bwd).T, kv_pad // (w * sizes.block_k_bwd))
+  return fwd, dq, dkv
+
+
+def _pad_inputs(static, q, k, v, q_seg, kv_seg):
+  q_mult, kv_mult = _pad_multiples(static.sizes)
+  q_pad, kv_pad = _round_up(q.shape[1], q_mult), _round_up(k.shape[1], kv_mult)
+  q, k, v = _pad_to(q, q_pad, 1), _pad_to(k, kv_pad, 1), _pad_to(v, kv_pad, 1)
+  if q_seg is not None:
+    # Padding rows and keys get ids no real token has (and not each other's).
+    q_seg = _pad_to(q_seg.astype(jnp.int32), q_pad, 1, value=np.iinfo(np.int32).min)
+    kv_seg = _pad_to(kv_seg.astype(jnp.int32), kv_pad, 1, value=np.iinfo(np.int32).max)
+  return q, k, v, q_seg, kv_seg
+
+
+def _as_device(lists):
+  return tuple(tuple(jnp.asarray(x) for x in pair) for pair in lists)
+
+
+def _fwd_impl(static, q_len, kv_len, q, k, v, sinks, q_seg, kv_seg):
+  qp, kp, vp, qs, ks = _pad_inputs(static, q, k, v, q_seg, kv_seg)
+  lists = _as_device(_block_lists(static, q_len, kv_len, qp.shape[1], kp.shape[1]))
+  sinks32 = None if sinks is None else sinks.astype(jnp.float32)
+  o, lse = _forward(static, qp, kp, vp, sinks32, qs, ks, *lists[0])
+  return o[:, :q_len], (qp, kp, vp, sinks, qs, ks, o, lse)
+
+
+def _attention_plain(static, q_len, kv_len, q, k, v, sinks, q_seg, kv_seg):
+  return _fwd_impl(static, q_len, kv_len, q, k, v, sinks, q_seg, kv_seg)[0]
+
+
+def _attention_fwd(static, q_len, kv_len, q, k, v, sinks, q_seg, kv_seg):
+  out, res = _fwd_impl(static, q_len, kv_len, q, k, v, sinks, q_seg, kv_seg)
+  return out, res
+
+
+def _int_cotangent(x):
+  return None if x is None else np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _attention_bwd(static, q_len, kv_len, res, do):
+  qp, kp, vp, sinks, qs, ks, o, lse = res
+  kv_len_in = kv_len
+  do = _pad_to(do, qp.shape[1], 1)
+  # D_i = sum_h dO_ih O_ih, the row term of the softmax backward, [B, N, T].
+  delta = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), o.astype(jnp.float32))
+  lists = _as_device(_block_lists(static, q_len, kv_len_in, qp.shape[1], kp.shape[1]))
+  dq, dk, dv = _backward(static, qp, kp, vp, sinks, qs, ks, lse, delta, do, lists[1:])
+  dsinks = None
+  if sinks is not None:
+    # d lse / d sink = p_sink and d out / d lse = -out: dsink_n = -sum_t p_sink * D_t.
+    lse_nat = lse * math.log(2.0)
+    p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse_nat)
+    dsinks = -(p_sink * delta).sum((0, 2)).astype(sinks.dtype)
+  return (dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len], dsinks,
+          _int_cotangent(qs if qs is None else qs[:, :q_len]),
+          _int_cotangent(ks if ks is None else ks[:, :kv_len]))
+
+
+_attention = jax.custom_vjp(_attention_plain, nondiff_argnums=(0, 1, 2))
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def flash_attention(q, k, v, *, scale, soft_cap=None, sinks=None, mask=None,
+                    q_segment_ids=None, kv_segment_ids=None, block_sizes=None,
+                    interpret=False):
+  """Softmax attention on a Hopper GPU, differentiable in q, k, v and sinks.
+
+  Args:
+    q: ``[B, T, N, H]`` bfloat16 or float16; k, v: ``[B, S, K, H]``, ``N % K == 0``,
+      ``H`` in (64, 128, 256).
+    scale: logits scale (a Python float).
+    soft_cap: ``c``: logits become ``c * tanh(logits / c)``.
+    sinks: ``[N]`` sink logits joining each row's softmax denominator.
+    mask: None or a static mask with ``predicate(q_idx, kv_idx)`` (jnp, elementwise on
+      int32 index grids) and ``block_summary(T, S, rows, cols)`` (NumPy EMPTY / PARTIAL /
+      FULL codes), such as those of ``attnlab.ops.masks``.
+    q_segment_ids, kv_segment_ids: ``[B, T]``, ``[B, S]`` ints (both or neither): a query
+      sees the keys of its own segment.
+    block_sizes: :class:`BlockSizes`.
+    interpret: run on CPU through the Mosaic GPU interpreter (tests).
+
+  Returns ``[B, T, N, H]`` in q's dtype; rows that see no key (and no sink) are zeros.
+  """
+  check_inputs(q, k, v, block_sizes)
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("pass both q_segment_ids and kv_segment_ids or neither, got "
+                     f"{q_segment_ids is None=}, {kv_segment_ids is None=}")
+  static = _Static(float(scale), None if soft_cap is None else float(soft_cap), mask,
+                   k.shape[1], q.shape[2] // k.shape[2], sinks is not None,
+                   q_segment_ids is not None, block_sizes or BlockSizes(), bool(interpret))
+  return _attention(static, q.shape[1], k.shape[1], q, k, v, sinks, q_segment_ids,
+                    kv_segment_ids)
