@@ -139,7 +139,7 @@ def _full_rows(n, value, interpret):
   return _cast(jnp.full((n,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1), interpret)
 
 
-def _matmul(a, b, shape, interpret, transpose_b=False):
+def _matmul(a, b, shape, interpret, transpose_b=False, after_issue=None):
   """``a @ b`` (``a @ b.T`` with ``transpose_b``) into a fresh float32 accumulator.
 
   ``a`` is a shared-memory ref or a register array, ``b`` a shared-memory ref. The
@@ -148,10 +148,15 @@ def _matmul(a, b, shape, interpret, transpose_b=False):
   if interpret:
     a = a[...] if not isinstance(a, jax.Array) else a
     b = b[...].T if transpose_b else b[...]
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+    out = jnp.dot(a, b, preferred_element_type=jnp.float32)
+    if after_issue is not None:
+      after_issue()
+    return out
   b = plgpu.transpose_ref(b, (1, 0)) if transpose_b else b
   def body(acc):
     plgpu.wgmma(acc, a, b)
+    if after_issue is not None:
+      after_issue()  # runs while the product is in flight
     return acc[...]
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
@@ -165,6 +170,23 @@ def _matmul_add(acc, a, b, interpret, transpose_b=False):
   def body(acc_ref):
     plgpu.wgmma(acc_ref, a, b)
   return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def _matmul_pair(first, second, interpret):
+  """Two products issued together and waited for once: ``first = (acc, a, b, transpose_b)``
+  accumulates into ``acc`` (None: a fresh accumulator of ``shape``), likewise ``second``.
+  Each entry is ``(acc_or_shape, a, b, transpose_b)``; returns the two results."""
+  if interpret:
+    return tuple(_matmul(a, b, x, interpret, t) if isinstance(x, tuple) else
+                 _matmul_add(x, a, b, interpret, t) for x, a, b, t in (first, second))
+  accs = tuple(plgpu.ACC.init(_zeros(x, False)) if isinstance(x, tuple) else plgpu.ACC.init(x)
+               for x, _, _, _ in (first, second))
+
+  def body(refs):
+    for ref, (_, a, b, t) in zip(refs, (first, second)):
+      plgpu.wgmma(ref, a, plgpu.transpose_ref(b, (1, 0)) if t else b)
+
+  return pl.run_state(body)(accs)
 
 
 def _allowed(static, q_base, kv_base, shape, transposed, partial, q_seg=None, kv_seg=None):
@@ -203,11 +225,11 @@ def _forward_kernel(static, refs, scratch):
   q_ref, k_ref, v_ref, order_ref, meta_ref = (refs[n] for n in ("q", "k", "v", "order", "meta"))
   sinks_ref, qseg_ref, kvseg_ref = refs.get("sinks"), refs.get("qseg"), refs.get("kvseg")
   o_ref, lse_ref = refs["o"], refs["lse"]
-  (q_smem, k_smem, v_smem, lse_smem, (qseg_smem, kvseg_smem),
-   q_bar, k_bar, v_bar, seg_bar, k_free, v_free) = scratch
+  (q_smem, k_smem, v_smem, lse_smem, qseg_smem, kvseg_smem,
+   q_bar, k_bar, v_bar, seg_bar, k_free, v_free, turn) = scratch
   sizes = static.sizes
   bq, bk, stages = sizes.block_q, sizes.block_k, sizes.stages
-  tile, head, batch = lax.axis_index("tile"), lax.axis_index("head"), lax.axis_index("batch")
+  tile, head, batch = _grid_position(order_ref)
   wg = lax.axis_index("wg")
   kv_head = lax.div(head, jnp.int32(static.groups))
   count, n_partial = meta_ref[tile, 0], meta_ref[tile, 1]
@@ -233,12 +255,20 @@ def _forward_kernel(static, refs, scratch):
       m0 = _full_rows(bq, -jnp.inf, static.interpret)
       l0 = _full_rows(bq, 0.0, static.interpret)
 
+    # Ping-pong (FlashAttention-3, Shah et al. 2024, §3.1): the two compute warpgroups
+    # meet at `turn` twice per step, offset by one meeting, so that one computes its
+    # softmax while the other's products run on the tensor cores.
+    def handoff():
+      plgpu.barrier_arrive(turn)
+      plgpu.barrier_wait(turn)
+
     def step(s, carry, partial):
       acc, m, l = carry
       slot = lax.rem(s, jnp.int32(stages))
       kv_base = order_ref[tile, s] * bk
       plgpu.barrier_wait(k_bar.at[slot])
-      scores = _matmul(q_tile, k_smem.at[slot], (bq, bk), static.interpret, transpose_b=True)
+      scores = _matmul(q_tile, k_smem.at[slot], (bq, bk), static.interpret, transpose_b=True,
+                       after_issue=handoff)
       kv_seg = None
       if static.has_segments:
         kv_seg = _load(kvseg_smem.at[slot], plgpu.Layout.WGMMA.reduce(0), static.interpret)
@@ -254,15 +284,19 @@ def _forward_kernel(static, refs, scratch):
       alpha = jnp.exp2(m - m_use)
       l = l * alpha + p.sum(axis=1)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      plgpu.barrier_arrive(turn)  # softmax done
       plgpu.barrier_wait(v_bar.at[slot])
+      plgpu.barrier_wait(turn)  # the other warpgroup has issued its scores product
       acc = _matmul_add(acc, p.astype(v_smem.dtype), v_smem.at[slot], static.interpret)
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m_new, l
 
     head_dim = q_tile.shape[-1]
     carry = (_zeros((bq, head_dim), static.interpret), m0, l0)
+    pl.when(wg == 1)(handoff)
     carry = lax.fori_loop(0, n_partial, functools.partial(step, partial=True), carry)
     acc, m, l = lax.fori_loop(n_partial, count, functools.partial(step, partial=False), carry)
+    pl.when(wg == 0)(handoff)
     seen = l > 0.0
     inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
     acc = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
@@ -297,43 +331,38 @@ def _forward(static, q, k, v, sinks, q_seg, kv_seg, order, meta):
   batch, q_pad, num_heads, head_dim = q.shape
   sizes = static.sizes
   bq, bk, stages = sizes.block_q, sizes.block_k, sizes.stages
-  dtype = q.dtype
-  n_tiles = q_pad // (_COMPUTE_WGS * bq)
-  seg_type = plgpu.SMEM((_COMPUTE_WGS, bq), jnp.int32) if static.has_segments else None
-  kvseg_type = plgpu.SMEM((stages, bk), jnp.int32) if static.has_segments else None
+  dtype, w, seg = q.dtype, _COMPUTE_WGS, static.has_segments
   scratch = (
-      _swizzled((_COMPUTE_WGS, bq, head_dim), dtype),
+      _swizzled((w, bq, head_dim), dtype),
       _swizzled((stages, bk, head_dim), dtype),
       _swizzled((stages, bk, head_dim), dtype),
-      plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32),
-      [seg_type, kvseg_type],
-      plgpu.Barrier(num_barriers=_COMPUTE_WGS),
-      plgpu.Barrier(num_arrivals=2 if static.has_segments else 1, num_barriers=stages),
+      plgpu.SMEM((w, bq), jnp.float32),
+      plgpu.SMEM((w, bq), jnp.int32) if seg else None,
+      plgpu.SMEM((stages, bk), jnp.int32) if seg else None,
+      plgpu.Barrier(num_barriers=w),
+      plgpu.Barrier(num_arrivals=2 if seg else 1, num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=_COMPUTE_WGS),
-      plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=stages),
+      plgpu.Barrier(num_barriers=w),
+      plgpu.Barrier(num_arrivals=w, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=w, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=w),
   )
-
-  inputs = dict(q=q, k=k, v=v, order=order, meta=meta, sinks=sinks, qseg=q_seg, kvseg=kv_seg)
-  inputs = {n: x for n, x in inputs.items() if x is not None}
-
-  def entry(*refs):
-    refs = dict(zip(list(inputs) + ["o", "lse"], refs))
-    pl.run_scoped(lambda *smem: _forward_kernel(static, refs, smem), *scratch,
-                  collective_axes="wg")
-
-  out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
-              jax.ShapeDtypeStruct((batch, num_heads, q_pad), jnp.float32))
-  return plgpu.kernel(
-      entry, out_type=out_type, grid=(n_tiles, num_heads, batch),
-      grid_names=("tile", "head", "batch"), num_threads=_COMPUTE_WGS + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_interpret.params() if static.interpret else None,
-  )(*inputs.values())
+  return _launch(
+      static, _forward_kernel,
+      dict(q=q, k=k, v=v, order=order, meta=meta, sinks=sinks, qseg=q_seg, kvseg=kv_seg),
+      dict(o=jax.ShapeDtypeStruct(q.shape, dtype),
+           lse=jax.ShapeDtypeStruct((batch, num_heads, q_pad), jnp.float32)),
+      (q_pad // (w * bq), num_heads, batch), scratch)
 
 
 # -------------------------------------------------------------------------- backward
+
+
+def _grid_position(order_ref):
+  """(tile, head, batch) of this CTA. Tiles run in reverse: under causal masks the last
+  query tiles have the most key blocks, and starting them first evens out the tail."""
+  tile = order_ref.shape[0] - 1 - lax.axis_index("tile")
+  return tile, lax.axis_index("head"), lax.axis_index("batch")
 
 
 def _launch(static, kernel, inputs, out_type, grid, scratch):
@@ -360,9 +389,9 @@ def _dq_kernel(static, refs, scratch):
    row_bar, k_bar, v_bar, k_free, v_free) = scratch
   sizes = static.sizes
   bq, bk, stages = sizes.block_q_bwd, sizes.block_k_bwd, sizes.stages_bwd
-  tile, head, batch = lax.axis_index("tile"), lax.axis_index("head"), lax.axis_index("batch")
-  wg = lax.axis_index("wg")
   order_ref, meta_ref = refs["order"], refs["meta"]
+  tile, head, batch = _grid_position(order_ref)
+  wg = lax.axis_index("wg")
   count, n_partial = meta_ref[tile, 0], meta_ref[tile, 1]
   interpret = static.interpret
 
@@ -391,7 +420,10 @@ def _dq_kernel(static, refs, scratch):
       slot = lax.rem(s, jnp.int32(stages))
       kv_base = order_ref[tile, s] * bk
       plgpu.barrier_wait(k_bar.at[slot])
-      scores = _matmul(q_tile, k_smem.at[slot], (bq, bk), interpret, transpose_b=True)
+      plgpu.barrier_wait(v_bar.at[slot])
+      scores, dp = _matmul_pair((((bq, bk)), q_tile, k_smem.at[slot], True),
+                                (((bq, bk)), do_tile, v_smem.at[slot], True), interpret)
+      plgpu.barrier_arrive(v_free.at[slot])
       kv_seg = None
       if static.has_segments:
         kv_seg = _load(kvseg_smem.at[slot], plgpu.Layout.WGMMA.reduce(0), interpret)
@@ -400,9 +432,6 @@ def _dq_kernel(static, refs, scratch):
       if ok is not None:
         x = jnp.where(ok, x, -jnp.inf)
       p = jnp.exp2(x - lax.broadcast_in_dim(lse, (bq, bk), [0]))
-      plgpu.barrier_wait(v_bar.at[slot])
-      dp = _matmul(do_tile, v_smem.at[slot], (bq, bk), interpret, transpose_b=True)
-      plgpu.barrier_arrive(v_free.at[slot])
       ds = p * (dp - lax.broadcast_in_dim(delta, (bq, bk), [0]))
       if t is not None:
         ds = ds * (1.0 - t * t)
@@ -505,8 +534,8 @@ def _dkv_kernel(static, refs, scratch):
         x = jnp.where(ok, x, -jnp.inf)
       p_t = jnp.exp2(x - lax.broadcast_in_dim(lse, (bk, bq), [1]))
       plgpu.barrier_wait(do_bar.at[slot])
-      dv = _matmul_add(dv, p_t.astype(do_smem.dtype), do_smem.at[slot], interpret)
-      dp_t = _matmul(v_tile, do_smem.at[slot], (bk, bq), interpret, transpose_b=True)
+      dv, dp_t = _matmul_pair((dv, p_t.astype(do_smem.dtype), do_smem.at[slot], False),
+                              ((bk, bq), v_tile, do_smem.at[slot], True), interpret)
       delta = _load(delta_smem.at[slot], col, interpret)
       plgpu.barrier_arrive(do_free.at[slot])
       ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, (bk, bq), [1]))
