@@ -11,8 +11,11 @@ partitioned by XLA) over the batch and head axes.
 What the GPU kernel takes, and so what automatic dispatch gives it: bfloat16 / float16,
 head dim 64 / 128 / 256, any lengths, GQA/MQA, static masks, documents, padding, soft
 cap, sinks. Score modifiers (ALiBi, bias arrays) and boolean mask arrays stay on the xla
-tier. The kernels' tests (``tests/ops/test_softmax_pallas.py``) run every one of those
-features against the float64 oracle, interpreted on CPU and compiled on an H100.
+tier. The TPU kernel takes bfloat16 / float32, any head dim, the same masks and options,
+and ALiBi (with its slope gradient). The tests (``tests/ops/test_softmax_pallas.py``) run
+every one of those features against the float64 oracle: the GPU kernel interpreted on
+CPU and compiled on an H100, the TPU kernel through the whole shared softmax suite in
+TPU interpret mode (no TPU is reachable here).
 
 ``interpret_kernels("gpu" | "tpu")`` makes the tier run a kernel through its Pallas
 interpreter on any backend (slow; for tests and for reading a kernel on a laptop).
@@ -30,9 +33,10 @@ import numpy as np
 from attnlab.ops import masks as masks_lib
 from attnlab.ops import registry
 from pallas_kernels.gpu import flash_attention as gpu_flash_attention
+from pallas_kernels.tpu import flash_attention as tpu_flash_attention
 
 # Block-size classes the pallas tier accepts through ``block_sizes=``.
-KERNEL_BLOCK_SIZES = (gpu_flash_attention.BlockSizes,)
+KERNEL_BLOCK_SIZES = (gpu_flash_attention.BlockSizes, tpu_flash_attention.BlockSizes)
 
 _STATE = threading.local()
 KERNEL_BACKENDS = ("gpu", "tpu")
@@ -61,10 +65,7 @@ def _target() -> tuple[str | None, bool]:
 
 
 def _kernel_module(backend):
-  if backend == "gpu":
-    return gpu_flash_attention
-  from pallas_kernels.tpu import flash_attention
-  return flash_attention
+  return gpu_flash_attention if backend == "gpu" else tpu_flash_attention
 
 
 def _split_mask(mask):
@@ -80,8 +81,9 @@ def _split_mask(mask):
     else:
       return None, [], [], (f"the kernels take static masks, documents and padding, not "
                             f"{type(part).__name__}")
-  if len(docs) > 1:
-    return None, [], [], "the kernels take one Documents mask, got several AND-ed together"
+  if len(docs) > 1 or len(pads) > 1:
+    return None, [], [], ("the kernels take one Documents and one Padding mask, got several "
+                          "AND-ed together")
   return masks_lib.combine_masks(*static), docs, pads, None
 
 
@@ -92,7 +94,11 @@ def pallas_supports(call) -> str | None:
     return (f"the Pallas kernels run on GPU (Mosaic GPU) and TPU (Mosaic TPU), the backend "
             f"is {registry.current_backend()!r}")
   if backend == "tpu":
-    return "the TPU kernel is not wired into the pallas tier yet"
+    if call.query.dtype not in (jnp.bfloat16, jnp.float32):
+      return f"the TPU kernel takes bfloat16 / float32 inputs, got {call.query.dtype}"
+    if call.bias is not None and not isinstance(call.bias, masks_lib.Alibi):
+      return "of the score modifiers the TPU kernel takes ALiBi only; bias arrays run on xla"
+    return _split_mask(call.mask)[3]
   if call.query.dtype not in (jnp.bfloat16, jnp.float16):
     return (f"the GPU kernel takes bfloat16 / float16 inputs (wgmma operands), got "
             f"{call.query.dtype}")
@@ -136,14 +142,27 @@ def dot_product_attention_pallas(query, key, value, bias=None, mask=None, *, sca
   backend, interpret = _target()
   if backend is None:
     raise ValueError(pallas_supports(None))
-  if bias is not None:
-    raise ValueError("the pallas tier takes no bias or score modifiers")
   static, docs, pads, reason = _split_mask(mask)
   if reason is not None:
     raise ValueError(reason)
   kernel = _kernel_module(backend)
   if not isinstance(block_sizes, kernel.BlockSizes):
     block_sizes = None
+  if backend == "tpu":
+    # The TPU kernel takes lengths and ALiBi itself (and skips blocks past the lengths).
+    if bias is not None and not isinstance(bias, masks_lib.Alibi):
+      raise ValueError("the TPU kernel takes no bias arrays or score modifiers but ALiBi")
+    pad = pads[0] if pads else None
+    return kernel.flash_attention(
+        query, key, value, scale=scale, soft_cap=logits_soft_cap, sinks=sinks, mask=static,
+        q_segment_ids=docs[0].q_segment_ids if docs else None,
+        kv_segment_ids=docs[0].kv_segment_ids if docs else None,
+        q_lengths=None if pad is None else pad.q_lengths,
+        kv_lengths=None if pad is None else pad.kv_lengths,
+        alibi_slopes=None if bias is None else bias.slopes, block_sizes=block_sizes,
+        interpret=interpret)
+  if bias is not None:
+    raise ValueError("the GPU kernel takes no bias or score modifiers")
   batch, q_len = query.shape[:2]
   q_ids, kv_ids = _segment_ids(docs, pads, batch, q_len, key.shape[1])
   return kernel.flash_attention(

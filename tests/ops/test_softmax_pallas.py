@@ -1,0 +1,222 @@
+"""The pallas tier of ``dot_product_attention`` against the float64 oracle.
+
+The GPU kernel (``pallas_kernels/gpu/flash_attention.py``) runs here two ways:
+
+* on CPU through the Mosaic GPU interpreter (``interpret_kernels("gpu")``): the same
+  block lists, TMA copies, barriers, warpgroups and masking code, with the interpreter's
+  ``jnp.dot`` in place of ``wgmma`` (it takes no transposed operand), run op by op (not
+  under ``jit``: the interpreter deadlocks on a jitted program holding several kernels).
+  Interpretation is slow, so CI runs a handful of cases that between them use every
+  feature;
+* compiled on an H100 (``*_on_gpu`` tests, skipped elsewhere with that reason): every
+  case of the shared softmax suite (``tests/ops/test_softmax.py``) whose features the
+  kernel takes, at head dims 64 and 128, in bfloat16 and float16.
+
+Each check compares the output and every gradient (q, k, v, sinks) with the oracle as a
+relative error, at the bfloat16 tolerance of the shared suite. Calls the kernel does not
+take (float32, bias / ALiBi, boolean mask arrays) must raise a ValueError that says why,
+and automatic dispatch must then pick another tier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnlab import ops
+from attnlab.ops import masks, softmax, softmax_pallas
+from pallas_kernels.gpu import _interpret
+from pallas_kernels.gpu import flash_attention as gpu_kernel
+from pallas_kernels.tpu import flash_attention as tpu_kernel
+from tests.ops import test_softmax as suite
+
+ON_GPU = jax.default_backend() == "gpu"
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="compiled Mosaic GPU kernels need an H100")
+interpreted = pytest.mark.skipif(not _interpret.available(),
+                                 reason="this jax has no Mosaic GPU interpreter")
+
+# The shared suite's features, combined so that a few interpreted cases cover them all.
+INTERPRETED_CASES = [
+    suite.Case("causal_gqa_T65", 65, 65, (suite.is_causal,), num_heads=4, num_kv=2),
+    suite.Case("window_docs_sinks_cap_T130", 130, 130,
+               (suite.is_causal, suite.window((40, 0)), suite.segment_ids(), suite.sinks,
+                suite.soft_cap(4.0)), batch=1),
+    suite.Case("lengths_empty_rows_mqa_T63_S65", 63, 65, (suite.seq_lengths(zero=True),),
+               batch=3, num_kv=1),
+    suite.Case("strided_prefix_or_T33_S200", 33, 200,
+               (suite.mask(masks.StridedSparse(8) | masks.PrefixLM(70),
+                           lambda t, s: suite.O.strided_sparse(t, s, 8)
+                           | suite.O.prefix_lm(t, s, 70)), suite.scale(0.3)), batch=1),
+]
+
+
+def _as_kernel_case(case, head_dim):
+  return dataclasses.replace(case, head_dim=head_dim)
+
+
+def _supported(case, head_dim=64, dtype=jnp.bfloat16):
+  """The pallas tier's verdict on a case (None = it runs it)."""
+  problem = _as_kernel_case(case, head_dim).problem(np.random.default_rng(0), dtype)
+  kwargs = dict(problem.diff, **problem.call_kwargs(), **problem.static)
+  call, _ = softmax.canonicalize(**kwargs)
+  with softmax_pallas.interpret_kernels("gpu"):
+    return softmax_pallas.pallas_supports(call)
+
+
+def check_case(case, rng, head_dim=64, dtype=jnp.bfloat16, block_sizes=None):
+  problem = _as_kernel_case(case, head_dim).problem(rng, dtype)
+  # Interpreted kernels run op by op: inside one jitted program that holds the forward
+  # and the backward kernels, jax 0.10.2's Mosaic GPU interpreter deadlocks on CPU.
+  out, grads = suite.run(problem, "pallas", block_sizes, jit=ON_GPU)
+  expected, _ = problem.expected()
+  return suite.assert_matches(problem, out, grads, expected)
+
+
+# ------------------------------------------------------------------------ interpreted
+
+
+@interpreted
+@pytest.mark.parametrize("case", INTERPRETED_CASES, ids=str)
+def test_interpreted_gpu_kernel_matches_oracle(case, rng):
+  assert _supported(case) is None
+  with softmax_pallas.interpret_kernels("gpu"):
+    check_case(case, rng)
+
+
+@interpreted
+def test_interpreted_empty_blocks_are_never_used(rng):
+  """Keys past the last query are EMPTY blocks under a causal mask: poisoned with NaN,
+  they would turn every output NaN if the kernel multiplied them (0 * NaN = NaN)."""
+  q_len, kv_len = 70, 400
+  q = jnp.asarray(rng.standard_normal((1, q_len, 2, 64)), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((1, kv_len, 1, 64)), jnp.bfloat16)
+  v = jnp.asarray(rng.standard_normal((1, kv_len, 1, 64)), jnp.bfloat16)
+  seen = gpu_kernel.BlockSizes().block_k  # the first key block holds every visible key
+  k_bad = k.at[:, seen:].set(jnp.nan)
+  v_bad = v.at[:, seen:].set(jnp.nan)
+  with softmax_pallas.interpret_kernels("gpu"):
+    out = ops.dot_product_attention(q, k_bad, v_bad, is_causal=True, implementation="pallas")
+  ref = ops.dot_product_attention(q, k, v, is_causal=True, implementation="reference")
+  assert bool(jnp.all(jnp.isfinite(out)))
+  assert suite.rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < 1e-2
+
+
+# ----------------------------------------------------------------- what it refuses
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("bias_BNTS_T63", "bias"), ("alibi_causal_T65", "bias"),
+    ("relative_bias_8_T63_S65", "bias"), ("bool_mask_BNTS_T63", "ArrayMask"),
+    ("or_docs_causal_T65", "Or"),
+])
+def test_refused_calls_say_why(name, reason):
+  verdict = _supported(suite.CASE_BY_NAME[name])
+  assert verdict is not None and reason in verdict, verdict
+
+
+def test_float32_and_small_heads_are_refused_and_dispatch_falls_back(rng):
+  q = jnp.asarray(rng.standard_normal((1, 16, 2, 64)), jnp.float32)
+  with softmax_pallas.interpret_kernels("gpu"):
+    with pytest.raises(ValueError, match="bfloat16 / float16"):
+      ops.dot_product_attention(q, q, q, implementation="pallas")
+    small = jnp.asarray(rng.standard_normal((1, 16, 2, 16)), jnp.bfloat16)
+    with pytest.raises(ValueError, match="head dims"):
+      ops.dot_product_attention(small, small, small, implementation="pallas")
+    out = ops.dot_product_attention(q, q, q)  # automatic: the xla tier takes float32
+  ref = ops.dot_product_attention(q, q, q, implementation="reference")
+  assert suite.rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the refusal on backends without the kernels")
+def test_pallas_refused_on_cpu_without_interpretation():
+  q = jnp.ones((1, 8, 2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="Pallas kernels run on GPU"):
+    ops.dot_product_attention(q, q, q, implementation="pallas")
+
+
+def test_block_sizes_are_checked():
+  with pytest.raises(ValueError, match="block_k"):
+    gpu_kernel.BlockSizes(block_k=96)
+
+
+# ----------------------------------------------------------------------- on the GPU
+
+GPU_CASES = [c for c in suite.CASES if _supported(c) is None]
+
+
+def test_the_gpu_case_list_covers_the_kernels_features():
+  names = {c.name for c in GPU_CASES}
+  for needed in ("causal_obj_T257", "sliding_window_T257", "fixed_sparse_16_1_T257",
+                 "segment_ids_causal_T257", "seq_lengths_zero_T63_S65", "soft_cap_T65",
+                 "sinks_causal_T63", "and_or_nested_T65", "plain_T257_mqa_H32"):
+    assert needed in names
+  assert len(GPU_CASES) >= 35, len(GPU_CASES)
+
+
+@gpu_only
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_kernel_matches_oracle_on_gpu(case, head_dim, rng):
+  check_case(case, rng, head_dim)
+
+
+@gpu_only
+@pytest.mark.parametrize("case", INTERPRETED_CASES, ids=str)
+def test_gpu_kernel_float16_on_gpu(case, rng):
+  check_case(case, rng, 128, jnp.float16)
+
+
+@gpu_only
+@pytest.mark.parametrize("sizes", [
+    gpu_kernel.BlockSizes(block_k=64), gpu_kernel.BlockSizes(stages=1, stages_bwd=1),
+    gpu_kernel.BlockSizes(stages=3, block_k=64, stages_bwd=3)], ids=str)
+def test_gpu_kernel_block_sizes_on_gpu(sizes, rng):
+  check_case(INTERPRETED_CASES[1], rng, 128, block_sizes=sizes)
+
+
+# ------------------------------------------------------- the TPU kernel, whole suite
+
+
+def _call(problem):
+  kwargs = dict(problem.diff, **problem.call_kwargs(), **problem.static)
+  return softmax.canonicalize(**kwargs)[0]
+
+
+class TestPallasTpuInterpret(suite.SoftmaxSuite):
+  """The shared softmax suite on the TPU kernel in (fast, classic) TPU interpret mode.
+
+  Small blocks, none dividing 63, 65 or 257, so that every case spans several blocks of
+  each kernel with ragged ends; cases with options the kernel refuses (bias arrays,
+  relative position bias, boolean mask arrays) are skipped with its reason."""
+
+  implementation = "pallas"
+  block_sizes = (tpu_kernel.BlockSizes(16, 32, 16, 32, 32, 16),
+                 tpu_kernel.BlockSizes(32, 16, 32, 16, 16, 32),
+                 tpu_kernel.BlockSizes(24, 40, 40, 24, 24, 40))
+  sweep_block_sizes = (tpu_kernel.BlockSizes(8, 8, 8, 8, 8, 8),
+                       tpu_kernel.BlockSizes(64, 128, 128, 64, 64, 128),
+                       tpu_kernel.BlockSizes())
+
+  @pytest.fixture(autouse=True)
+  def _tpu_interpreter(self):
+    with softmax_pallas.interpret_kernels("tpu"):
+      yield
+
+  def refusal(self, problem):
+    return softmax_pallas.pallas_supports(_call(problem))
+
+
+def test_tpu_kernel_refuses_bias_arrays_with_a_reason():
+  with softmax_pallas.interpret_kernels("tpu"):
+    for name in ("bias_BNTS_T63", "relative_bias_8_T63_S65", "bool_mask_BNTS_T63"):
+      problem = suite.CASE_BY_NAME[name].problem(np.random.default_rng(0))
+      reason = softmax_pallas.pallas_supports(_call(problem))
+      assert reason is not None
+      with pytest.raises(ValueError, match="cannot run"):
+        suite.run(problem, "pallas")
+    alibi = suite.CASE_BY_NAME["alibi_causal_T65"].problem(np.random.default_rng(0))
+    assert softmax_pallas.pallas_supports(_call(alibi)) is None
