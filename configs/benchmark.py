@@ -42,8 +42,14 @@ def get_config(arg=None):
   config.head_dim = 128  # H
   config.causal = (True, False)
   # attnlab tiers, by registry name, and jax.nn peers ("jax_nn_<implementation>").
-  config.implementations = ("xla", "cudnn")
-  config.peers = ("jax_nn_xla", "jax_nn_cudnn")
+  config.implementations = ("xla", "cudnn", "pallas")
+  # jax.nn's tiers, and jax-linear-attention's Mosaic GPU attention where it is installed
+  # (carry its wheel: ../shared/anchors/fetch_wheels.sh).
+  config.peers = ("jax_nn_cudnn", "jla_mosaic_gpu")
+  # The pallas tier under masks at one length (time against the blocks each keeps).
+  config.mask_seq_len = 16384
+  config.mask_cases = ("causal", "window_1024", "chunked_causal_2048", "power_of_two_512",
+                       "fixed_sparse_1024_128")
   config.passes = ("fwd", "fwdbwd")
 
   # Timing: `warmup` untimed calls, then `reps` timed runs of `iters` calls each; the
@@ -70,6 +76,7 @@ def get_config(arg=None):
     config.copy_bandwidth = 2.97e12  # bytes/s, the H100 device copy of BENCHMARKS.md
     config.causal = ()
     config.peers = ()
+    config.mask_cases = ()
   if variant == "linear_smoke":
     config.dtype = "float32"
     config.tokens = 512
@@ -96,6 +103,7 @@ def get_config(arg=None):
     config.head_dim = 32
     config.implementations = ("reference", "xla")
     config.peers = ("jax_nn_xla",)
+    config.mask_cases = ()
     config.warmup = 1
     config.iters = 2
     config.reps = 3

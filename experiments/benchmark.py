@@ -7,8 +7,9 @@ forward+backward. Prints one JSON line per measurement and a markdown table at t
 see ``configs/benchmark.py`` for the launch commands.
 
 Implementations are named as in the config: an attnlab tier by its registry name
-(``"reference"``, ``"xla"``, ``"cudnn"``, ...) or a jax.nn peer as ``"jax_nn_xla"`` /
-``"jax_nn_cudnn"``. One that raises (a tier that cannot run here, out of memory) gives an
+(``"reference"``, ``"xla"``, ``"cudnn"``, ``"pallas"``, ...), a jax.nn peer as
+``"jax_nn_xla"`` / ``"jax_nn_cudnn"``, or jax-linear-attention's Mosaic GPU attention as
+``"jla_mosaic_gpu"`` (when that package is installed; causal only). One that raises (a tier that cannot run here, out of memory) gives an
 error row and the run goes on; one whose result exceeds the tolerance is not timed and
 makes the run exit non-zero.
 """
@@ -38,6 +39,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON lines to this file.")
 
 PEER_PREFIX = "jax_nn_"
+JLA_PEER = "jla_mosaic_gpu"
 ERROR_CHARS = 400
 
 # f(query [B, T, N, H], key [B, T, K, H], value [B, T, K, H], is_causal) -> [B, T, N, H]
@@ -54,12 +56,23 @@ def _jax_nn_attention(query, key, value, is_causal, *, implementation):
       query, key, value, is_causal=is_causal, implementation=implementation)
 
 
+def _jla_attention(query, key, value, is_causal):
+  # jax-linear-attention's Mosaic GPU flash attention (a peer, measured, never copied).
+  from jla.ops.mosaic_gpu.attention import flash_attention  # pylint: disable=import-outside-toplevel
+  if not is_causal:
+    raise ValueError("the jla_mosaic_gpu peer is measured causal only")
+  return flash_attention(query, key, value)
+
+
 def attention_fns(implementations, peers) -> dict[str, AttentionFn]:
-  """The functions to measure, by name: attnlab tiers first, then jax.nn peers."""
+  """The functions to measure, by name: attnlab tiers first, then the peers."""
   fns = {}
   for name in implementations:
     fns[name] = functools.partial(_attnlab_attention, implementation=name)
   for name in peers:
+    if name == JLA_PEER:
+      fns[name] = _jla_attention
+      continue
     if not name.startswith(PEER_PREFIX):
       raise ValueError(f"peers are named {PEER_PREFIX}<implementation>, got {name!r}")
     fns[name] = functools.partial(
@@ -236,6 +249,66 @@ def run(config, emit: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
   return rows
 
 
+MASKS = {
+    "causal": lambda: attnlab.ops.masks.Causal(),
+    "window_1024": lambda: attnlab.ops.masks.Causal() & attnlab.ops.masks.LocalWindow(1023, 0),
+    "chunked_causal_2048": lambda: attnlab.ops.masks.ChunkedCausal(2048),
+    "power_of_two_512": lambda: attnlab.ops.masks.PowerOfTwo(512),
+    "fixed_sparse_1024_128": lambda: attnlab.ops.masks.FixedSparse(1024, 128),
+}
+
+
+def run_masks(config, emit) -> list[dict[str, Any]]:
+  """The pallas tier under each mask of ``config.mask_cases`` at one length: time against
+  the fraction of (128 x 128) blocks the mask keeps, relative to the causal mask."""
+  rows = []
+  dtype = jnp.dtype(config.dtype)
+  seq_len = config.mask_seq_len
+  batch = max(1, config.tokens // seq_len)
+  timing = dict(warmup=config.warmup, iters=config.iters, reps=config.reps)
+  inputs = make_inputs(jax.random.key(config.seed), batch, seq_len, config.num_heads,
+                       config.num_kv_heads, config.head_dim, dtype)
+  for name in config.mask_cases:
+    mask = MASKS[name]()
+    summary = mask.block_summary(seq_len, seq_len, 128, 128)
+    kept = float((summary != attnlab.ops.masks.EMPTY).mean())
+
+    def attention(q, k, v, causal, mask=mask):
+      del causal
+      return attnlab.ops.dot_product_attention(q, k, v, mask=mask, implementation="pallas")
+
+    for pass_name in config.passes:
+      make = forward_backward_fn if pass_name == "fwdbwd" else forward_fn
+      row = {"kind": "mask", "mask": name, "T": seq_len, "B": batch, "pass": pass_name,
+             "kept_blocks": kept}
+      try:
+        compiled = jax.jit(make(attention, False)).lower(*inputs).compile()
+        row.update(status="ok", ms=time_call(compiled, inputs, **timing) * 1e3)
+      except Exception as e:  # pylint: disable=broad-except
+        row.update(status="error", error=_error_message(e))
+      rows.append(row)
+      emit(row)
+  return rows
+
+
+def mask_table(rows) -> str:
+  base = {r["pass"]: r for r in rows if r["mask"] == "causal" and r["status"] == "ok"}
+  lines = ["| mask (pallas) | T | kept blocks | fwd ms | fwdbwd ms | time / causal | "
+           "kept / causal |", "|---|---|---|---|---|---|---|"]
+  by_mask = {}
+  for r in rows:
+    by_mask.setdefault(r["mask"], {})[r["pass"]] = r
+  for name, passes in by_mask.items():
+    fb = passes.get("fwdbwd") or passes.get("fwd")
+    ref = base.get(fb["pass"]) if fb else None
+    ratio = (f"{fb['ms'] / ref['ms']:.3f}" if fb and ref and fb["status"] == "ok" else "—")
+    kept = (f"{fb['kept_blocks'] / ref['kept_blocks']:.3f}" if fb and ref else "—")
+    cells = [_cell(passes.get(p), "ms", "{:.3f}") for p in ("fwd", "fwdbwd")]
+    lines.append(f"| {name} | {fb['T']} | {fb['kept_blocks']:.3f} | {cells[0]} | {cells[1]} "
+                 f"| {ratio} | {kept} |")
+  return "\n".join(lines)
+
+
 def _cell(row, key, fmt):
   if row is None or row.get(key) is None:
     return "—" if row is None or row["status"] == "ok" else row["status"]
@@ -298,8 +371,12 @@ def main(argv):
                                      temp_bytes=temp_bytes, error_message=_error_message)
     else:
       rows = run(config, emit)
+      mask_rows = run_masks(config, emit) if config.get("mask_cases") else []
   table = linear_bench.markdown_table if config.family == "linear" else markdown_table
   print(table(rows))
+  if config.family != "linear" and mask_rows:
+    print()
+    print(mask_table(mask_rows))
   return 1 if any(row["status"] == "mismatch" for row in rows) else 0
 
 

@@ -46,19 +46,28 @@ _COMPUTE_WGS = 2
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile shapes. ``block_q`` rows per compute warpgroup (two per CTA), ``block_k`` keys
-  per streamed block, ``stages`` shared-memory slots in the K/V ring; ``*_bwd`` the same
-  for the backward kernels (queries per streamed block in the dk/dv pass)."""
+  """Tile shapes. Forward: ``block_q`` rows per compute warpgroup (two per CTA),
+  ``block_k`` keys per streamed block, ``stages`` shared-memory slots in the K/V ring.
+  Backward: ``block_q_bwd`` query rows per warpgroup in the dq pass and per streamed block
+  in the dk/dv pass, ``block_k_bwd`` keys per warpgroup in the dk/dv pass, ``block_k_dq``
+  keys per streamed block in the dq pass, ``stages_bwd`` ring slots of both.
+
+  The register file bounds them: a compute warpgroup holds its float32 accumulators
+  (``block x H``) and one or two float32 score tiles; at H = 128, 64-row tiles leave room
+  for 128-key score tiles in the forward and the dq pass, and the dk/dv pass, which holds
+  two accumulators, takes 64 x 64 score tiles. Shared memory (227 KB) bounds the ring:
+  two 128-key K/V slots plus the query tiles at H = 128."""
 
   block_q: int = 64
   block_k: int = 128
   stages: int = 2
   block_q_bwd: int = 64
   block_k_bwd: int = 64
+  block_k_dq: int = 64
   stages_bwd: int = 2
 
   def __post_init__(self):
-    for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+    for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "block_k_dq"):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0 or value % 64:
         raise ValueError(f"BlockSizes.{name} must be a positive multiple of 64, got {value!r}")
@@ -388,7 +397,7 @@ def _dq_kernel(static, refs, scratch):
   (q_smem, do_smem, lse_smem, delta_smem, qseg_smem, k_smem, v_smem, kvseg_smem,
    row_bar, k_bar, v_bar, k_free, v_free) = scratch
   sizes = static.sizes
-  bq, bk, stages = sizes.block_q_bwd, sizes.block_k_bwd, sizes.stages_bwd
+  bq, bk, stages = sizes.block_q_bwd, sizes.block_k_dq, sizes.stages_bwd
   order_ref, meta_ref = refs["order"], refs["meta"]
   tile, head, batch = _grid_position(order_ref)
   wg = lax.axis_index("wg")
@@ -596,12 +605,13 @@ def _backward(static, q, k, v, sinks, q_seg, kv_seg, lse, delta, do, lists):
   def opt(shape, dtype_):
     return plgpu.SMEM(shape, dtype_) if seg else None
 
+  bk_dq = sizes.block_k_dq
   dq_scratch = (
       _swizzled((w, bq, head_dim), dtype), _swizzled((w, bq, head_dim), dtype),
       plgpu.SMEM((w, bq), jnp.float32), plgpu.SMEM((w, bq), jnp.float32),
       opt((w, bq), jnp.int32),
-      _swizzled((stages, bk, head_dim), dtype), _swizzled((stages, bk, head_dim), dtype),
-      opt((stages, bk), jnp.int32),
+      _swizzled((stages, bk_dq, head_dim), dtype), _swizzled((stages, bk_dq, head_dim), dtype),
+      opt((stages, bk_dq), jnp.int32),
       plgpu.Barrier(num_arrivals=5 if seg else 4, num_barriers=w),
       plgpu.Barrier(num_arrivals=2 if seg else 1, num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
@@ -667,7 +677,7 @@ def check_inputs(q, k, v, block_sizes=None):
 
 def _pad_multiples(sizes):
   q_mult = math.lcm(_COMPUTE_WGS * sizes.block_q, _COMPUTE_WGS * sizes.block_q_bwd)
-  kv_mult = math.lcm(sizes.block_k, _COMPUTE_WGS * sizes.block_k_bwd)
+  kv_mult = math.lcm(sizes.block_k, sizes.block_k_dq, _COMPUTE_WGS * sizes.block_k_bwd)
   return q_mult, kv_mult
 
 
@@ -677,7 +687,7 @@ def _block_lists(static, q_len, kv_len, q_pad, kv_pad):
   sizes, w = static.sizes, _COMPUTE_WGS
   fwd = _lists(_summary(static.mask, q_len, kv_len, w * sizes.block_q, sizes.block_k),
                q_pad // (w * sizes.block_q))
-  dq = _lists(_summary(static.mask, q_len, kv_len, w * sizes.block_q_bwd, sizes.block_k_bwd),
+  dq = _lists(_summary(static.mask, q_len, kv_len, w * sizes.block_q_bwd, sizes.block_k_dq),
               q_pad // (w * sizes.block_q_bwd))
   dkv = _lists(_summary(static.mask, q_len, kv_len, sizes.block_q_bwd,
                         w * sizes.block_k_bwd).T, kv_pad // (w * sizes.block_k_bwd))
