@@ -43,9 +43,9 @@ def get_config(arg=None):
   config.causal = (True, False)
   # attnlab tiers, by registry name, and jax.nn peers ("jax_nn_<implementation>").
   config.implementations = ("xla", "cudnn", "pallas")
-  # jax.nn's tiers, and jax-linear-attention's Mosaic GPU attention where it is installed
-  # (carry its wheel: ../shared/anchors/fetch_wheels.sh).
-  config.peers = ("jax_nn_cudnn", "jla_mosaic_gpu")
+  # Peers: jax-linear-attention's Mosaic GPU attention where it is installed (carry its
+  # wheel: ../shared/anchors/fetch_wheels.sh); jax.nn's cuDNN is attnlab's cudnn tier.
+  config.peers = ("jla_mosaic_gpu",)
   # The pallas tier under masks at one length (time against the blocks each keeps).
   config.mask_seq_len = 16384
   config.mask_cases = ("causal", "window_1024", "chunked_causal_2048", "power_of_two_512",

@@ -48,6 +48,8 @@ class MixerConfig:
     mamba_expand: Mamba-2's inner width as a multiple of ``width``.
     gate_low_rank: GLA's low-rank gate projection rank.
     gate_normalizer: GLA's gate temperature (the log gate is divided by it).
+    num_levels: log-linear attention's Fenwick levels L (level weights per head and
+      token); documents of up to ``2^(L-1)`` tokens.
     chunk_size: chunk length of the chunked linear-attention tier.
     implementation: op tier (None = automatic dispatch).
     norm_eps: epsilon of the norms.
@@ -78,6 +80,7 @@ class MixerConfig:
   mamba_expand: int = 2
   gate_low_rank: int = 16
   gate_normalizer: float = 16.0
+  num_levels: int = 16
   chunk_size: int = 64
   implementation: str | None = None
   norm_eps: float = 1e-6

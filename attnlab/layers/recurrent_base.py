@@ -5,6 +5,14 @@ A mixer subclass says how ``x`` becomes the op's inputs and how the op's output 
 ``y``; this base runs the op (chunked) for whole sequences and its ``_step`` for decoding,
 so the two paths share every projection. Right-padded positions (``lengths``) get zero
 keys, values, log gates and betas, which leaves the state unchanged through them.
+
+Under a mesh whose ``sequence`` axis has more than one device (``jax.set_mesh``, see
+:mod:`attnlab.parallel.mesh_context`) a mixer whose op is one of the six core linear ops
+runs it by state passing over that axis (:func:`attnlab.parallel.sequence_parallel`).
+Everything else (projections, gates, the short convolution, the output) is per token and
+stays in the global view; XLA moves the convolution's ``W - 1`` boundary tokens between
+neighbouring shards itself. A mixer running another op runs it on the whole sequence
+(XLA gathers it): correct, not parallel.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnlab import ops
+from attnlab.parallel import linear_state_passing, mesh_context
 
 # op name -> (whole-sequence op, decode step, the gate arguments it takes in order).
 OPS = {
@@ -22,6 +31,10 @@ OPS = {
     "delta_rule": (ops.delta_rule, ops.delta_rule_step, ("beta",)),
     "gated_delta_rule": (ops.gated_delta_rule, ops.gated_delta_rule_step, ("g", "beta")),
 }
+
+
+# The ops that have a sequence-parallel form, by function.
+_SEQUENCE_PARALLEL = {fn: name for name, fn in linear_state_passing.OPS.items()}
 
 
 def _mask_features(f, valid):
@@ -85,6 +98,12 @@ class RecurrentMixer(nnx.Module):
     if valid is not None:
       f = _mask_features(f, valid)
     fn, _, gates = self._op_functions()
+    mesh = mesh_context.sequence_mesh()
+    if mesh is not None and fn in _SEQUENCE_PARALLEL:
+      fn = linear_state_passing.sequence_parallel(
+          _SEQUENCE_PARALLEL[fn], mesh, mesh_context.SEQUENCE_AXIS,
+          batch_axis=mesh_context.batch_axes(mesh, b),
+          head_axis=mesh_context.head_axis(mesh, f["q"].shape[2]))
     o, state = fn(f["q"], f["k"], f["v"], *(f[g] for g in gates),
                   segment_ids=segment_ids, output_final_state=output_final_state,
                   chunk_size=self.config.chunk_size,

@@ -12,6 +12,7 @@ from attnlab import ops
 from attnlab.layers.common import RMSNorm, ShortConv, dense, named_param, rope
 from attnlab.layers.config import MixerConfig
 from attnlab.ops import masks as masks_lib
+from attnlab.parallel import mesh_context, ring
 
 
 class SoftmaxAttention(nnx.Module):
@@ -22,6 +23,12 @@ class SoftmaxAttention(nnx.Module):
   With ``conv_size > 0`` the q, k, v projections first pass a causal depthwise
   convolution and SiLU (as the linear mixers' ``conv_size``), which lets one layer see the
   previous tokens: a key can carry the token before it, as an induction head needs.
+
+  Under a mesh whose ``sequence`` axis has more than one device (``jax.set_mesh``, see
+  :mod:`attnlab.parallel.mesh_context`) the attention runs as ring attention over that
+  axis (zig-zag layout when causal); the projections, RoPE and the convolution are per
+  token and stay in the caller's global view (XLA moves the convolution's few boundary
+  tokens between neighbouring shards itself).
   """
 
   op = "dot_product_attention"
@@ -95,12 +102,40 @@ class SoftmaxAttention(nnx.Module):
     q, k, v = self._qkv(x, positions, segment_ids)
     slopes = self._alibi_slopes()
     bias = None if slopes is None else masks_lib.Alibi(slopes)
-    o = ops.dot_product_attention(
+    mesh = mesh_context.sequence_mesh()
+    attention = (ops.dot_product_attention if mesh is None
+                 else self._ring_attention(mesh, b, lengths))
+    o = attention(
         q, k, v, bias=bias, mask=c.mask, is_causal=c.causal,
         local_window_size=self._window(), segment_ids=segment_ids,
         logits_soft_cap=c.logits_soft_cap, sinks=self._sinks(),
         key_value_seq_lengths=lengths, implementation=c.implementation)
     return self._output(o, x)
+
+  def _ring_attention(self, mesh, batch, lengths):
+    """``dot_product_attention`` as ring attention over the mesh's sequence axis; the
+    options ring attention lacks raise here, named by their config field."""
+    c = self.config
+    unsupported = {
+        "MixerConfig.position='alibi'": c.position == "alibi",
+        "MixerConfig.sinks=True": c.sinks,
+        f"MixerConfig.implementation={c.implementation!r} (each ring step runs the xla "
+        "tier)": c.implementation not in (None, "xla"),
+        "lengths (right padding; pack documents with segment_ids instead)":
+            lengths is not None,
+    }
+    for option, present in unsupported.items():
+      if present:
+        raise ValueError(
+            f"sequence parallelism (mesh axis {mesh_context.SEQUENCE_AXIS!r} of "
+            f"{mesh.shape[mesh_context.SEQUENCE_AXIS]} devices) runs softmax attention as "
+            f"ring attention, which does not support {option}")
+    # Zig-zag balances causal work (T a multiple of 2P); without a causal mask every
+    # device has the same work in the plain layout.
+    return ring.ring_attention(
+        mesh, mesh_context.SEQUENCE_AXIS, layout="zigzag" if c.causal else "contiguous",
+        batch_axis=mesh_context.batch_axes(mesh, batch),
+        head_axis=mesh_context.head_axis(mesh, c.num_heads, c.kv_heads))
 
   # ----------------------------------------------------------------------- decoding
 

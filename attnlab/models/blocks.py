@@ -8,6 +8,7 @@ from flax import nnx
 from attnlab.layers import RMSNorm, make_mixer
 from attnlab.layers.common import dense
 from attnlab.models.config import ModelConfig
+from attnlab.parallel.mesh_context import shard_tokens
 
 
 class SwiGLU(nnx.Module):
@@ -34,6 +35,7 @@ class Block(nnx.Module):
                       param_dtype=config.param_dtype)
 
   def __call__(self, x, segment_ids=None, positions=None, lengths=None):
+    x = shard_tokens(x)   # T over the mesh's sequence axis, when one is in effect
     x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids, positions=positions,
                        lengths=lengths)
     return x + self.mlp(self.mlp_norm(x))

@@ -1,9 +1,12 @@
 """Device mesh and logical-axis sharding rules.
 
 Parameters carry logical axis names (``attnlab.layers.LOGICAL_AXES``); a short rules
-table maps each name to a mesh axis (or None = replicated). The default mesh has three
-axes: ``data`` (batch), ``fsdp`` (batch, and parameters sharded along ``embed``) and
-``tensor`` (heads and the MLP hidden dim).
+table maps each name to a mesh axis (or None = replicated). The mesh has four axes:
+``data`` (batch), ``fsdp`` (batch, and parameters sharded along ``embed``), ``tensor``
+(heads and the MLP hidden dim) and ``sequence`` (the tokens of every sequence: the
+mixers switch to ring attention and linear-attention state passing when it has more
+than one device, see :mod:`attnlab.parallel.mesh_context`). A batch ``[B, T]`` is split
+over ``(data, fsdp)`` along B and over ``sequence`` along T.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from attnlab.parallel.mesh_context import BATCH_AXES, SEQUENCE_AXIS
+
+MESH_AXES = ("data", "fsdp", "tensor", SEQUENCE_AXIS)
 
 DEFAULT_RULES = (
     ("embed", "fsdp"),
@@ -29,14 +33,17 @@ DEFAULT_RULES = (
 
 
 def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
-  """A ``(data, fsdp, tensor)`` mesh of ``shape``; its size must equal the device count."""
+  """A ``(data, fsdp, tensor, sequence)`` mesh of ``shape``; its size must equal the
+  device count. A shape of three entries has ``sequence`` 1."""
   devices = jax.devices() if devices is None else devices
   shape = tuple(int(s) for s in shape)
-  if len(shape) != len(MESH_AXES) or any(s < 1 for s in shape):
-    raise ValueError(f"mesh shape must be 3 positive ints for {MESH_AXES}, got {shape}")
+  if len(shape) not in (3, 4) or any(s < 1 for s in shape):
+    raise ValueError(f"mesh shape must be 3 or 4 positive ints for {MESH_AXES}, got "
+                     f"{shape}")
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f"mesh shape {shape} holds {int(np.prod(shape))} devices but "
                      f"{len(devices)} are available (config field: mesh_shape)")
+  shape += (1,) * (len(MESH_AXES) - len(shape))
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
@@ -65,4 +72,7 @@ def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+  """``[B, T, ...]`` arrays: B over the batch axes, T over ``sequence`` (if the mesh has
+  it)."""
+  tokens = SEQUENCE_AXIS if SEQUENCE_AXIS in mesh.axis_names else None
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, tokens))

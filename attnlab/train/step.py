@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -43,10 +44,23 @@ def lm_loss(model, batch):
                 "weight": weights.sum()}
 
 
+def _under_mesh(fn, mesh):
+  """``fn`` called with ``mesh`` in effect (``jax.set_mesh``): the mixers read it while
+  tracing, and shard the sequence when its ``sequence`` axis has more than one device."""
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+
+  return call
+
+
 def make_train_step(graph, shardings, mesh, loss_fn=lm_loss):
   """``step(state, batch) -> (state, metrics)``, jitted with the state's shardings and
-  the batch split over the data axes. A step whose loss or gradient norm is not finite
-  leaves the state unchanged (``metrics["skipped"]``)."""
+  the batch split over the data axes (and its tokens over ``sequence``), run with
+  ``mesh`` in effect. A step whose loss or gradient norm is not finite leaves the state
+  unchanged (``metrics["skipped"]``)."""
 
   def step(state, batch):
     bundle = nnx.merge(graph, state)
@@ -58,11 +72,12 @@ def make_train_step(graph, shardings, mesh, loss_fn=lm_loss):
                              nnx.state(bundle), state)
     return new_state, {**metrics, "grad_norm": grad_norm, "skipped": ~ok}
 
-  return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
-                 out_shardings=(shardings, None), donate_argnums=0)
+  return _under_mesh(jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                             out_shardings=(shardings, None), donate_argnums=0), mesh)
 
 
 def make_eval_step(graph, shardings, mesh, loss_fn=lm_loss):
   def evaluate(state, batch):
     return loss_fn(nnx.merge(graph, state).model, batch)[1]
-  return jax.jit(evaluate, in_shardings=(shardings, batch_sharding(mesh)))
+  return _under_mesh(jax.jit(evaluate, in_shardings=(shardings, batch_sharding(mesh))),
+                     mesh)

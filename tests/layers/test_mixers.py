@@ -84,6 +84,9 @@ def test_prefill_then_decode_matches_forward(case, rng):
     positions = positions + 1
 
 
+SPARSE_WEIGHTS = ("sparsemax_attention", "entmax15_attention")
+
+
 @pytest.mark.parametrize("case", PLAIN_AND_CONV, ids=_ids)
 def test_causal_through_gradients(case, rng):
   """The output at t has zero gradient with respect to every input after t."""
@@ -93,7 +96,13 @@ def test_causal_through_gradients(case, rng):
   t = 10
   grad = jax.grad(lambda x: jnp.sum(mixer(x)[:, t] ** 2))(x)
   assert np.all(np.asarray(grad[:, t + 1:]) == 0.0)
-  assert np.all(np.abs(np.asarray(grad[:, : t + 1])).sum(-1) > 0)
+  reach = np.abs(np.asarray(grad[:, : t + 1])).sum(-1) > 0
+  if name in SPARSE_WEIGHTS:
+    # Sparsemax / entmax give keys outside the support exactly zero weight, and so
+    # exactly zero gradient: only the token itself is sure to be reached.
+    assert reach[:, t].all()
+  else:
+    assert reach.all()
 
 
 @pytest.mark.parametrize("case", PLAIN_AND_CONV, ids=_ids)

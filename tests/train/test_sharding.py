@@ -51,6 +51,18 @@ def test_spec_for_never_uses_a_mesh_axis_twice():
   assert sharding.spec_for((None, "embed"), rules) == PartitionSpec(None, "fsdp")
 
 
+def test_mesh_has_a_sequence_axis_of_one_unless_given():
+  names = ("data", "fsdp", "tensor", "sequence")
+  three = sharding.make_mesh((1, 1, 1), devices=["cpu0"])
+  four = sharding.make_mesh((1, 1, 1, 1), devices=["cpu0"])
+  assert three.axis_names == four.axis_names == names
+  assert three.devices.shape == four.devices.shape == (1, 1, 1, 1)
+  # A batch [B, T]: B over the batch axes, T over the sequence axis.
+  assert sharding.batch_sharding(four).spec == PartitionSpec(("data", "fsdp"), "sequence")
+  with pytest.raises(ValueError, match=r"3 or 4 positive ints .* got \(1, 1\)"):
+    sharding.make_mesh((1, 1), devices=["cpu0"])
+
+
 def test_mesh_must_match_the_device_count():
   with pytest.raises(ValueError, match=r"mesh shape \(2, 2, 2\) holds 8 devices but 1"):
     sharding.make_mesh((2, 2, 2), devices=["cpu0"])
