@@ -21,7 +21,9 @@ in registers). ``delta = rowsum(dO * O)`` and the sink gradient are computed out
 XLA, from the saved base-2 log-sum-exp.
 
 Runs on an H100/H200 (sm_90a) and, slowly, on CPU through the Mosaic GPU interpreter of
-jax 0.10.2 (``interpret=True``; see ``pallas_kernels/gpu/_interpret.py``).
+jax 0.10.2 (``interpret=True``; see ``pallas_kernels/gpu/_interpret.py``). Under a
+``jit`` over several devices each launch is split over the batch and head shards of its
+operands (``pallas_kernels/partition.py``), since XLA cannot partition a Mosaic call.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import partition
 from pallas_kernels.gpu import _interpret
 
 LOG2E = math.log2(math.e)
@@ -713,8 +716,33 @@ def _fwd_impl(static, q_len, kv_len, q, k, v, sinks, q_seg, kv_seg):
   qp, kp, vp, qs, ks = _pad_inputs(static, q, k, v, q_seg, kv_seg)
   lists = _as_device(_block_lists(static, q_len, kv_len, qp.shape[1], kp.shape[1]))
   sinks32 = None if sinks is None else sinks.astype(jnp.float32)
-  o, lse = _forward(static, qp, kp, vp, sinks32, qs, ks, *lists[0])
+  o, lse = _sharded(
+      lambda q, k, v, sinks, qs, ks, order, meta: _forward(static, q, k, v, sinks, qs, ks,
+                                                           order, meta),
+      static, dict(q=qp, k=kp, v=vp, sinks=sinks32, qs=qs, ks=ks, order=lists[0][0],
+                   meta=lists[0][1]), ((0, 2), (0, 1)))
   return o[:, :q_len], (qp, kp, vp, sinks, qs, ks, o, lse)
+
+
+# (batch dim, head dim) of each kernel operand; None: replicated (block tables).
+_DIMS = dict(q=(0, 2), k=(0, 2), v=(0, 2), do=(0, 2), sinks=(None, 0), qs=(0, None),
+             ks=(0, None), lse=(0, 1), delta=(0, 1))
+
+
+def _sharded(fn, static, operands, out_dims):
+  """``fn(**operands)``, split per device over batch and heads when the program spans
+  several devices (``pallas_kernels.partition``); None operands stay None."""
+  names = [n for n, x in operands.items() if x is not None]
+
+  def run(*arrays):
+    given = dict(zip(names, arrays))
+    return fn(*(given.get(n) for n in operands))
+
+  if static.interpret or jax.device_count() == 1:
+    return run(*(operands[n] for n in names))
+  partitioned = partition.batch_head_partitioned(
+      run, [_DIMS.get(n) for n in names], out_dims)
+  return partitioned(*(operands[n] for n in names))
 
 
 def _attention_plain(static, q_len, kv_len, q, k, v, sinks, q_seg, kv_seg):
@@ -737,7 +765,13 @@ def _attention_bwd(static, q_len, kv_len, res, do):
   # D_i = sum_h dO_ih O_ih, the row term of the softmax backward, [B, N, T].
   delta = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), o.astype(jnp.float32))
   lists = _as_device(_block_lists(static, q_len, kv_len_in, qp.shape[1], kp.shape[1]))
-  dq, dk, dv = _backward(static, qp, kp, vp, sinks, qs, ks, lse, delta, do, lists[1:])
+  dq, dk, dv = _sharded(
+      lambda q, k, v, qs, ks, lse, delta, do, dq_order, dq_meta, dkv_order, dkv_meta:
+      _backward(static, q, k, v, None, qs, ks, lse, delta, do,
+                ((dq_order, dq_meta), (dkv_order, dkv_meta))),
+      static, dict(q=qp, k=kp, v=vp, qs=qs, ks=ks, lse=lse, delta=delta, do=do,
+                   dq_order=lists[1][0], dq_meta=lists[1][1], dkv_order=lists[2][0],
+                   dkv_meta=lists[2][1]), ((0, 2), (0, 2), (0, 2)))
   dsinks = None
   if sinks is not None:
     # d lse / d sink = p_sink and d out / d lse = -out: dsink_n = -sum_t p_sink * D_t.
