@@ -734,6 +734,9 @@ def _sharded(fn, static, operands, out_dims):
   several devices (``pallas_kernels.partition``); None operands stay None."""
   names = [n for n, x in operands.items() if x is not None]
 
+  # A Mosaic GPU kernel has no batching rule: under vmap the launches run one after
+  # another over the mapped axis.
+  @jax.custom_batching.sequential_vmap
   def run(*arrays):
     given = dict(zip(names, arrays))
     return fn(*(given.get(n) for n in operands))
