@@ -12,16 +12,14 @@ Any registered mixer runs by name in any study: ``--config.mixers='("performer",
 """
 
 from attnlab import layers
-from attnlab.layers import feature_map_mixers, learned_map_mixers, low_rank_mixers
-from attnlab.layers import softmax_variant_mixers
-from attnlab.layers import score_variant_mixers
-from attnlab.layers import ssm_mixers
-from attnlab.layers import recurrence_mixers
+from attnlab.layers import (feature_map_mixers, learned_map_mixers, low_rank_mixers,
+                            recurrence_mixers, score_variant_mixers, softmax_variant_mixers,
+                            ssm_mixers)
 from configs import mqar_study
 
 VARIANTS = ("default", "smoke")
-CATALOG_MODULES = (feature_map_mixers, learned_map_mixers, low_rank_mixers, softmax_variant_mixers,
-                   score_variant_mixers, ssm_mixers, recurrence_mixers)
+CATALOG_MODULES = (feature_map_mixers, learned_map_mixers, low_rank_mixers,
+                   softmax_variant_mixers, score_variant_mixers, ssm_mixers, recurrence_mixers)
 
 
 def catalog_causal_mixers() -> tuple[str, ...]:

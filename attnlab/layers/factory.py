@@ -5,11 +5,8 @@ from __future__ import annotations
 from flax import nnx
 
 from attnlab.layers import (feature_map_mixers, learned_map_mixers, linear_mixers,
-                            low_rank_mixers)
-from attnlab.layers import softmax_variant_mixers
-from attnlab.layers import score_variant_mixers
-from attnlab.layers import ssm_mixers
-from attnlab.layers import recurrence_mixers
+                            low_rank_mixers, recurrence_mixers, score_variant_mixers,
+                            softmax_variant_mixers, ssm_mixers)
 from attnlab.layers.config import MixerConfig
 from attnlab.layers.softmax_attention import SoftmaxAttention
 from attnlab.ops import registry
@@ -83,7 +80,7 @@ for _name, _cls in (("softmax", SoftmaxAttention),
   register_mixer(_name, _cls)
 
 # The catalog's wider mechanisms: each module lists its mixers in ``MIXERS``.
-for _module in (feature_map_mixers, learned_map_mixers, low_rank_mixers, softmax_variant_mixers,
-                score_variant_mixers, ssm_mixers, recurrence_mixers):
+for _module in (feature_map_mixers, learned_map_mixers, low_rank_mixers,
+                softmax_variant_mixers, score_variant_mixers, ssm_mixers, recurrence_mixers):
   for _name, _cls in _module.MIXERS.items():
     register_mixer(_name, _cls)
