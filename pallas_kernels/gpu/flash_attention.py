@@ -74,9 +74,11 @@ class BlockSizes:
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0 or value % 64:
         raise ValueError(f"BlockSizes.{name} must be a positive multiple of 64, got {value!r}")
-    for name in ("stages", "stages_bwd"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"BlockSizes.{name} must be a positive int, got "
+    # The forward's two compute warpgroups take turns on the tensor cores; with one ring
+    # slot the turn-taking and the slot's release wait on each other (deadlock).
+    for name, least in (("stages", 2), ("stages_bwd", 1)):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < least:
+        raise ValueError(f"BlockSizes.{name} must be an int >= {least}, got "
                          f"{getattr(self, name)!r}")
 
 

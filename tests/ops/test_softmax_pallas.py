@@ -147,6 +147,8 @@ def test_pallas_refused_on_cpu_without_interpretation():
 def test_block_sizes_are_checked():
   with pytest.raises(ValueError, match="block_k"):
     gpu_kernel.BlockSizes(block_k=96)
+  with pytest.raises(ValueError, match="stages"):
+    gpu_kernel.BlockSizes(stages=1)
 
 
 # ----------------------------------------------------------------------- on the GPU
@@ -178,7 +180,7 @@ def test_gpu_kernel_float16_on_gpu(case, rng):
 
 @gpu_only
 @pytest.mark.parametrize("sizes", [
-    gpu_kernel.BlockSizes(block_k=64), gpu_kernel.BlockSizes(stages=1, stages_bwd=1),
+    gpu_kernel.BlockSizes(block_k=64), gpu_kernel.BlockSizes(stages_bwd=1),
     gpu_kernel.BlockSizes(stages=3, block_k=64, stages_bwd=3)], ids=str)
 def test_gpu_kernel_block_sizes_on_gpu(sizes, rng):
   check_case(INTERPRETED_CASES[1], rng, 128, block_sizes=sizes)
@@ -237,7 +239,7 @@ class TestPallasGpu(suite.SoftmaxSuite):
   dtype = jnp.bfloat16
   head_dim = 64
   block_sizes = (gpu_kernel.BlockSizes(), gpu_kernel.BlockSizes(block_k=64))
-  sweep_block_sizes = (gpu_kernel.BlockSizes(stages=1, stages_bwd=1),
+  sweep_block_sizes = (gpu_kernel.BlockSizes(stages_bwd=1),
                        gpu_kernel.BlockSizes(block_k=64, stages=3, stages_bwd=3))
 
   @pytest.fixture(autouse=True)
