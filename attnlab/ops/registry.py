@@ -35,6 +35,9 @@ class Implementation:
     supports: ``call -> None | reason``; ``call`` is the mechanism's canonical call.
     priority: higher runs first under automatic dispatch.
     automatic: whether ``implementation=None`` may pick this tier.
+    automatic_supports: an extra ``call -> None | reason`` that only automatic dispatch
+      asks (a tier that may be named explicitly but is not yet trusted to be picked,
+      e.g. a kernel not yet run on its hardware).
   """
 
   name: str
@@ -42,6 +45,7 @@ class Implementation:
   supports: Supports = _always
   priority: int = 0
   automatic: bool = True
+  automatic_supports: Supports = _always
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +154,7 @@ def select(mechanism: str, implementation: str | None, call: Any) -> Implementat
     impl = tiers[name]
     if not impl.automatic:
       continue
-    reason = impl.supports(call)
+    reason = impl.supports(call) or impl.automatic_supports(call)
     if reason is None:
       return impl
     reasons.append(f"{name}: {reason}")

@@ -21,7 +21,7 @@ from attnlab.ops import masks as masks_lib
 from attnlab.ops import registry
 from attnlab.ops.softmax_cudnn import cudnn_supports, dot_product_attention_cudnn
 from attnlab.ops.softmax_pallas import (KERNEL_BLOCK_SIZES, dot_product_attention_pallas,
-                                        pallas_supports)
+                                        pallas_automatic, pallas_supports)
 from attnlab.ops.softmax_reference import dot_product_attention_reference
 from attnlab.ops.softmax_xla import BlockSizes, dot_product_attention_xla
 
@@ -67,7 +67,8 @@ registry.register(MECHANISM, registry.Implementation(
 registry.register(MECHANISM, registry.Implementation(
     "cudnn", dot_product_attention_cudnn, supports=cudnn_supports, priority=20))
 registry.register(MECHANISM, registry.Implementation(
-    "pallas", dot_product_attention_pallas, supports=pallas_supports, priority=15))
+    "pallas", dot_product_attention_pallas, supports=pallas_supports, priority=15,
+    automatic_supports=pallas_automatic))
 
 
 def _shape(x):

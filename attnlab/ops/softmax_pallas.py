@@ -4,9 +4,10 @@ On a GPU it runs ``pallas_kernels.gpu.flash_attention`` (Mosaic GPU, Hopper); on
 ``pallas_kernels.tpu.flash_attention`` (Mosaic TPU). This module turns the canonical call
 into kernel arguments: static masks (causal, windows, the whole static vocabulary and
 their ``&`` / ``|``) go to the kernel as one mask object (element predicate and block
-summary), packed documents and right padding become segment ids, and inputs sharded over
-several devices run the kernel per shard inside ``shard_map`` (a Mosaic call cannot be
-partitioned by XLA) over the batch and head axes.
+summary), packed documents and right padding become segment ids. Under a jit over several
+devices the GPU kernel's launches are split over batch and head shards by
+``custom_partitioning`` (a Mosaic call cannot be partitioned by XLA); the TPU kernel is not
+partitioned yet.
 
 What the GPU kernel takes, and so what automatic dispatch gives it: bfloat16 / float16,
 head dim 64 / 128 / 256, any lengths, GQA/MQA, static masks, documents, padding, soft
@@ -85,6 +86,21 @@ def _split_mask(mask):
     return None, [], [], ("the kernels take one Documents and one Padding mask, got several "
                           "AND-ed together")
   return masks_lib.combine_masks(*static), docs, pads, None
+
+
+def pallas_automatic(call) -> str | None:
+  """What automatic dispatch asks on top of :func:`pallas_supports`: the GPU kernel on a
+  Hopper GPU only (sm_90 instructions), and the TPU kernel never until it has run on a
+  TPU (it is tested in interpret mode only; name ``implementation="pallas"`` to use it)."""
+  backend, interpret = _target()
+  if interpret:
+    return None
+  if backend == "tpu":
+    return "the TPU kernel has run in interpret mode only; name implementation='pallas'"
+  capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+  if backend == "gpu" and not capability.startswith("9"):
+    return f"the GPU kernel is built for Hopper (sm_90), this GPU is sm_{capability}"
+  return None
 
 
 def pallas_supports(call) -> str | None:

@@ -79,3 +79,30 @@ def test_block_sizes_do_not_change_the_xla_result_beyond_rounding(rng):
           for bq, bk in ((16, 32), (32, 16), (512, 512))]
   for out in outs[1:]:
     np.testing.assert_allclose(out, outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_automatic_supports_only_gates_automatic_dispatch():
+  from attnlab.ops import registry
+  name = "_test_automatic_supports"
+  registry.register(name, registry.Implementation("slow", lambda x: x + 1, priority=1))
+  registry.register(name, registry.Implementation(
+      "untrusted", lambda x: x + 2, priority=2,
+      automatic_supports=lambda call: "not yet run on its hardware"))
+  try:
+    assert registry.select(name, None, 0).name == "slow"
+    assert registry.select(name, "untrusted", 0).fn(0) == 2
+  finally:
+    registry._REGISTRY.pop(name)  # keep the registry as the library defines it
+
+
+def test_pallas_tier_stays_out_of_automatic_dispatch_off_hopper_and_on_tpu():
+  from attnlab.ops import softmax_pallas
+  q = jnp.ones((1, 8, 2, 64), jnp.bfloat16)
+  call, _ = ops.softmax.canonicalize(q, q, q)
+  if jax.default_backend() == "gpu":
+    capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+    assert (softmax_pallas.pallas_automatic(call) is None) == capability.startswith("9")
+  elif jax.default_backend() == "tpu":
+    assert "interpret mode only" in softmax_pallas.pallas_automatic(call)
+  else:
+    assert "Pallas kernels run on GPU" in softmax_pallas.pallas_supports(call)
