@@ -162,8 +162,12 @@ def dot_product_attention_pallas(query, key, value, bias=None, mask=None, *, sca
   if reason is not None:
     raise ValueError(reason)
   kernel = _kernel_module(backend)
+  if isinstance(block_sizes, KERNEL_BLOCK_SIZES) and not isinstance(block_sizes,
+                                                                    kernel.BlockSizes):
+    raise ValueError(f"block_sizes={block_sizes!r} belongs to another backend's kernel; "
+                     f"this call runs the {backend} kernel")
   if not isinstance(block_sizes, kernel.BlockSizes):
-    block_sizes = None
+    block_sizes = None  # the xla tier's BlockSizes: the kernels keep their own defaults
   if backend == "tpu":
     # The TPU kernel takes lengths and ALiBi itself (and skips blocks past the lengths).
     if bias is not None and not isinstance(bias, masks_lib.Alibi):

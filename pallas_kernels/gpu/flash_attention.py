@@ -20,8 +20,8 @@ tile, over the query blocks of every query head of its group, so GQA gradients a
 in registers). ``delta = rowsum(dO * O)`` and the sink gradient are computed outside, in
 XLA, from the saved base-2 log-sum-exp.
 
-Runs on an H100/H200 (sm_90a) and, slowly, on CPU through the Mosaic GPU interpreter of
-jax 0.10.2 (``interpret=True``; see ``pallas_kernels/gpu/_interpret.py``). Under a
+Runs on an H100/H200 (sm_90a; measured with jax 0.11.2) and, slowly, on CPU through the
+Mosaic GPU interpreter of jax 0.10.2 (``interpret=True``; see ``pallas_kernels/gpu/_interpret.py``). Under a
 ``jit`` over several devices each launch is split over the batch and head shards of its
 operands (``pallas_kernels/partition.py``), since XLA cannot partition a Mosaic call.
 """
@@ -665,8 +665,10 @@ def _pad_to(x, length, axis, value=0):
 
 
 def check_inputs(q, k, v, block_sizes=None):
-  """Raise ValueError if the kernels cannot run these shapes / dtypes; else None."""
-  sizes = block_sizes or BlockSizes()
+  """Raise ValueError naming the argument if the kernels cannot run this call."""
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+    raise ValueError(f"block_sizes must be pallas_kernels.gpu.flash_attention.BlockSizes, "
+                     f"got {block_sizes!r}")
   if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
     raise ValueError(f"need q [B, T, N, H] and k, v [B, S, K, H], got {q.shape=}, "
                      f"{k.shape=}, {v.shape=}")
@@ -677,7 +679,6 @@ def check_inputs(q, k, v, block_sizes=None):
     raise ValueError(f"head dim must be 64, 128 or 256, got {q.shape[-1]}")
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"query heads {q.shape[2]} must be a multiple of key heads {k.shape[2]}")
-  del sizes
 
 
 def _pad_multiples(sizes):
@@ -765,11 +766,10 @@ def _int_cotangent(x):
 
 def _attention_bwd(static, q_len, kv_len, res, do):
   qp, kp, vp, sinks, qs, ks, o, lse = res
-  kv_len_in = kv_len
   do = _pad_to(do, qp.shape[1], 1)
   # D_i = sum_h dO_ih O_ih, the row term of the softmax backward, [B, N, T].
   delta = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), o.astype(jnp.float32))
-  lists = _as_device(_block_lists(static, q_len, kv_len_in, qp.shape[1], kp.shape[1]))
+  lists = _as_device(_block_lists(static, q_len, kv_len, qp.shape[1], kp.shape[1]))
   dq, dk, dv = _sharded(
       lambda q, k, v, qs, ks, lse, delta, do, dq_order, dq_meta, dkv_order, dkv_meta:
       _backward(static, q, k, v, None, qs, ks, lse, delta, do,

@@ -249,3 +249,11 @@ class TestPallasGpu(suite.SoftmaxSuite):
 
   def refusal(self, problem):
     return softmax_pallas.pallas_supports(_call(problem))
+
+
+def test_another_backends_block_sizes_are_refused(rng):
+  q = jnp.asarray(rng.standard_normal((1, 16, 2, 64)), jnp.bfloat16)
+  with softmax_pallas.interpret_kernels("tpu"):
+    with pytest.raises(ValueError, match="another backend"):
+      ops.dot_product_attention(q, q, q, implementation="pallas",
+                                block_sizes=gpu_kernel.BlockSizes())
