@@ -39,9 +39,10 @@ gpu_only = pytest.mark.skipif(not ON_GPU, reason="compiled Mosaic GPU kernels ne
 interpreted = pytest.mark.skipif(not _interpret.available(),
                                  reason="this jax has no Mosaic GPU interpreter")
 
-# The shared suite's features, combined so that a few interpreted cases cover them all.
+# The shared suite's features, combined so that a few interpreted cases cover them all
+# (causal, window, documents, sinks, soft cap, GQA; padding with empty rows, MQA; a static
+# Or mask, prefix, odd S, a scale).
 INTERPRETED_CASES = [
-    suite.Case("causal_gqa_T65", 65, 65, (suite.is_causal,), num_heads=4, num_kv=2),
     suite.Case("window_docs_sinks_cap_T130", 130, 130,
                (suite.is_causal, suite.window((40, 0)), suite.segment_ids(), suite.sinks,
                 suite.soft_cap(4.0)), batch=1),
@@ -183,7 +184,7 @@ def test_gpu_kernel_float16_on_gpu(case, rng):
     gpu_kernel.BlockSizes(block_k=64), gpu_kernel.BlockSizes(stages_bwd=1),
     gpu_kernel.BlockSizes(stages=3, block_k=64, stages_bwd=3)], ids=str)
 def test_gpu_kernel_block_sizes_on_gpu(sizes, rng):
-  check_case(INTERPRETED_CASES[1], rng, 128, block_sizes=sizes)
+  check_case(INTERPRETED_CASES[0], rng, 128, block_sizes=sizes)
 
 
 # ------------------------------------------------------- the TPU kernel, whole suite
@@ -205,9 +206,9 @@ class TestPallasTpuInterpret(suite.SoftmaxSuite):
   block_sizes = (tpu_kernel.BlockSizes(16, 32, 16, 32, 32, 16),
                  tpu_kernel.BlockSizes(32, 16, 32, 16, 16, 32),
                  tpu_kernel.BlockSizes(24, 40, 40, 24, 24, 40))
-  sweep_block_sizes = (tpu_kernel.BlockSizes(8, 8, 8, 8, 8, 8),
-                       tpu_kernel.BlockSizes(64, 128, 128, 64, 64, 128),
-                       tpu_kernel.BlockSizes())
+  # One extra size on the sweep cases (CI time): the smallest, so that every block is
+  # ragged or partial; the defaults run in the kernel's own tests.
+  sweep_block_sizes = (tpu_kernel.BlockSizes(8, 8, 8, 8, 8, 8),)
 
   @pytest.fixture(autouse=True)
   def _tpu_interpreter(self):
