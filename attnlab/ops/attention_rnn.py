@@ -37,6 +37,7 @@ import numpy as np
 from jax import lax
 
 from attnlab.ops import registry
+from attnlab.ops.softmax import _check_int_array as _check_ints
 
 __all__ = ["aaren", "aaren_step"]
 
@@ -215,15 +216,6 @@ def _check_scale(scale, dim):
       or not np.isfinite(scale) or scale <= 0):
     raise ValueError(f"scale must be a positive finite Python float, got scale={scale!r}")
   return float(scale)
-
-
-def _check_ints(name, x, shape):
-  x = jnp.asarray(x)
-  if x.shape != tuple(shape):
-    raise ValueError(f"{name} must have shape {tuple(shape)}, got {name}.shape={x.shape}")
-  if not jnp.issubdtype(x.dtype, jnp.integer):
-    raise ValueError(f"{name} must be integers, got {name}.dtype={x.dtype}")
-  return x
 
 
 def aaren(q, k, v, *, scale=None, segment_ids=None, lengths=None, initial_state=None,

@@ -63,6 +63,7 @@ from jax import lax
 
 from attnlab.ops import masks as masks_lib
 from attnlab.ops import registry
+from attnlab.ops.softmax import _check_int_array as _check_ints
 # The blockwise machinery of the softmax xla tier: block lists from the mask's block
 # summary, windows of blocks, score recomputation per block and masked writes.
 from attnlab.ops.softmax_xla import (BlockSizes, _Blocks, _block_lists, _group, _Static,
@@ -402,15 +403,6 @@ def _check_float(name, value, *, positive=False):
     kind = "a positive finite" if positive else "a finite"
     raise ValueError(f"{name} must be {kind} Python float, got {name}={value!r}")
   return float(value)
-
-
-def _check_ints(name, x, shape):
-  x = jnp.asarray(x)
-  if x.shape != tuple(shape):
-    raise ValueError(f"{name} must have shape {tuple(shape)}, got {name}.shape={x.shape}")
-  if not jnp.issubdtype(x.dtype, jnp.integer):
-    raise ValueError(f"{name} must be integers, got {name}.dtype={x.dtype}")
-  return x
 
 
 def _documents(segment_ids):
