@@ -316,10 +316,20 @@ def _forward_kernel(static, refs, scratch):
     acc = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
     m_use = jnp.where(m == -jnp.inf, 0.0, m)
     lse_tile[...] = jnp.where(seen, m_use + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
-    q_tile[...] = acc.astype(q_tile.dtype)
+    out = acc.astype(q_tile.dtype)
+    q_tile[...] = out
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_tile, o_ref.at[batch, pl.ds(q_base, bq), head])
+    rows = (batch, pl.ds(q_base, bq), head)
+    plgpu.copy_smem_to_gmem(q_tile, o_ref.at[rows])
     plgpu.copy_smem_to_gmem(lse_tile, lse_ref.at[batch, head, pl.ds(q_base, bq)])
+    if static.has_sinks:
+      # The rounding error of the output, for the backward's delta = rowsum(dO * O): the
+      # sink gradient sums delta over every row with cancellation, and the rounded output
+      # alone leaves it ~1e-2 off in bf16. The staging tile is reused once TMA has read it.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      q_tile[...] = (acc - out.astype(acc.dtype)).astype(q_tile.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_tile, refs["o_low"].at[rows])
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _COMPUTE_WGS)
@@ -365,7 +375,8 @@ def _forward(static, q, k, v, sinks, q_seg, kv_seg, order, meta):
       static, _forward_kernel,
       dict(q=q, k=k, v=v, order=order, meta=meta, sinks=sinks, qseg=q_seg, kvseg=kv_seg),
       dict(o=jax.ShapeDtypeStruct(q.shape, dtype),
-           lse=jax.ShapeDtypeStruct((batch, num_heads, q_pad), jnp.float32)),
+           lse=jax.ShapeDtypeStruct((batch, num_heads, q_pad), jnp.float32),
+           **(dict(o_low=jax.ShapeDtypeStruct(q.shape, dtype)) if static.has_sinks else {})),
       (q_pad // (w * bq), num_heads, batch), scratch)
 
 
@@ -719,12 +730,15 @@ def _fwd_impl(static, q_len, kv_len, q, k, v, sinks, q_seg, kv_seg):
   qp, kp, vp, qs, ks = _pad_inputs(static, q, k, v, q_seg, kv_seg)
   lists = _as_device(_block_lists(static, q_len, kv_len, qp.shape[1], kp.shape[1]))
   sinks32 = None if sinks is None else sinks.astype(jnp.float32)
-  o, lse = _sharded(
+  outs = _sharded(
       lambda q, k, v, sinks, qs, ks, order, meta: _forward(static, q, k, v, sinks, qs, ks,
                                                            order, meta),
       static, dict(q=qp, k=kp, v=vp, sinks=sinks32, qs=qs, ks=ks, order=lists[0][0],
-                   meta=lists[0][1]), ((0, 2), (0, 1)))
-  return o[:, :q_len], (qp, kp, vp, sinks, qs, ks, o, lse)
+                   meta=lists[0][1]), ((0, 2), (0, 1)) + (((0, 2),) if static.has_sinks else ()))
+  o, lse = outs[:2]
+  # With sinks the residual output is O to ~16 bits (high + low part), see the kernel.
+  o_res = o.astype(jnp.float32) + outs[2].astype(jnp.float32) if static.has_sinks else o
+  return o[:, :q_len], (qp, kp, vp, sinks, qs, ks, o_res, lse)
 
 
 # (batch dim, head dim) of each kernel operand; None: replicated (block tables).
