@@ -9,11 +9,14 @@ devices the GPU kernel's launches are split over batch and head shards by
 ``custom_partitioning`` (a Mosaic call cannot be partitioned by XLA); the TPU kernel is not
 partitioned yet.
 
-What the GPU kernel takes, and so what automatic dispatch gives it: bfloat16 / float16,
-head dim 64 / 128 (the dims its H100 tests cover), any lengths, GQA/MQA, static masks, documents, padding, soft
-cap, sinks. Score modifiers (ALiBi, bias arrays) and boolean mask arrays stay on the xla
-tier. The TPU kernel takes bfloat16 / float32, any head dim, the same masks and options,
-and ALiBi (with its slope gradient). The tests (``tests/ops/test_softmax_pallas.py``) run
+Both kernels take every option of the op: ALiBi in registers (with its slope gradient);
+bias arrays and relative position bias as one dense float32 bias streamed tile by tile
+(its gradient from a launch of its own, which XLA drops when nothing needs it); boolean
+mask arrays and masks composed with a dynamic side as ``-inf`` entries of that bias (their
+blocks are not skipped: only static masks, documents and padding skip blocks). What the
+GPU kernel takes, and so what automatic dispatch gives it: bfloat16 / float16, head dim
+64 / 128 (the dims its H100 tests cover), any lengths. The TPU kernel takes bfloat16 /
+float32 and any head dim. The tests (``tests/ops/test_softmax_pallas.py``) run
 every one of those features against the float64 oracle: the GPU kernel interpreted on
 CPU and compiled on an H100, the TPU kernel through the whole shared softmax suite in
 TPU interpret mode (no TPU is reachable here).
@@ -70,22 +73,41 @@ def _kernel_module(backend):
 
 
 def _split_mask(mask):
-  """(static mask or None, documents list, padding list, reason or None)."""
-  static, docs, pads = [], [], []
+  """(static mask or None, Documents or None, Padding or None, rest): the rest are the
+  dynamic masks that are not the first Documents / Padding (arrays, compositions with a
+  dynamic side), which the kernels take as ``-inf`` entries of a dense bias."""
+  static, docs, pads, rest = [], None, None, []
   for part in masks_lib.components(mask):
     if part.is_static:
       static.append(part)
-    elif isinstance(part, masks_lib.Documents):
-      docs.append(part)
-    elif isinstance(part, masks_lib.Padding):
-      pads.append(part)
+    elif isinstance(part, masks_lib.Documents) and docs is None:
+      docs = part
+    elif isinstance(part, masks_lib.Padding) and pads is None:
+      pads = part
     else:
-      return None, [], [], (f"the kernels take static masks, documents and padding, not "
-                            f"{type(part).__name__}")
-  if len(docs) > 1 or len(pads) > 1:
-    return None, [], [], ("the kernels take one Documents and one Padding mask, got several "
-                          "AND-ed together")
-  return masks_lib.combine_masks(*static), docs, pads, None
+      rest.append(part)
+  return masks_lib.combine_masks(*static), docs, pads, rest
+
+
+def _rank4(x):
+  x = jnp.asarray(x)
+  return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def _dense_bias(bias, rest, batch, num_heads, q_len, kv_len):
+  """``[B or 1, N or 1, T, S]`` float32, or None: the score modifier (but ALiBi, which the
+  kernels compute in registers) plus ``-inf`` where a mask of ``rest`` forbids a pair.
+  Differentiable in the modifier's arrays (the kernels return the bias gradient)."""
+  out = None
+  if bias is not None and not isinstance(bias, masks_lib.Alibi):
+    out = _rank4(bias.dense(q_len, kv_len)).astype(jnp.float32)
+  for part in rest:
+    term = jnp.where(_rank4(part.dense(q_len, kv_len)), 0.0, -jnp.inf)
+    out = term if out is None else out + term
+  if out is None:
+    return None
+  return jnp.broadcast_to(out, (batch if out.shape[0] != 1 else 1,
+                                num_heads if out.shape[1] != 1 else 1, q_len, kv_len))
 
 
 def pallas_automatic(call) -> str | None:
@@ -112,33 +134,29 @@ def pallas_supports(call) -> str | None:
   if backend == "tpu":
     if call.query.dtype not in (jnp.bfloat16, jnp.float32):
       return f"the TPU kernel takes bfloat16 / float32 inputs, got {call.query.dtype}"
-    if call.bias is not None and not isinstance(call.bias, masks_lib.Alibi):
-      return "of the score modifiers the TPU kernel takes ALiBi only; bias arrays run on xla"
-    return _split_mask(call.mask)[3]
+    return None
   if call.query.dtype not in (jnp.bfloat16, jnp.float16):
     return (f"the GPU kernel takes bfloat16 / float16 inputs (wgmma operands), got "
             f"{call.query.dtype}")
   if call.query.shape[-1] not in (64, 128):
     return f"the pallas tier gives the GPU kernel head dims 64 and 128 (its tested ones), got {call.query.shape[-1]}"
-  if call.bias is not None:
-    return "score modifiers and bias arrays run on the xla tier"
-  return _split_mask(call.mask)[3]
+  return None
 
 
-def _segment_ids(docs, pads, batch, q_len, kv_len):
+def _segment_ids(doc, pad, batch, q_len, kv_len):
   """Documents and right padding as one pair of segment-id arrays (or None, None).
 
   Padding becomes ids no real token shares: queries past their length get the int32
   minimum, keys past theirs the maximum, so those pairs never match."""
-  if not docs and not pads:
+  if doc is None and pad is None:
     return None, None
   q_ids = jnp.zeros((batch, q_len), jnp.int32)
   kv_ids = jnp.zeros((batch, kv_len), jnp.int32)
-  for doc in docs:
+  if doc is not None:
     q_ids = doc.q_segment_ids.astype(jnp.int32)
     kv_ids = doc.kv_segment_ids.astype(jnp.int32)
   info = np.iinfo(np.int32)
-  for pad in pads:
+  if pad is not None:
     if pad.q_lengths is not None:
       rows = jnp.arange(q_len)[None, :] < pad.q_lengths[:, None]
       q_ids = jnp.where(rows, q_ids, info.min)
@@ -158,9 +176,7 @@ def dot_product_attention_pallas(query, key, value, bias=None, mask=None, *, sca
   backend, interpret = _target()
   if backend is None:
     raise ValueError(pallas_supports(None))
-  static, docs, pads, reason = _split_mask(mask)
-  if reason is not None:
-    raise ValueError(reason)
+  static, doc, pad, rest = _split_mask(mask)
   kernel = _kernel_module(backend)
   if isinstance(block_sizes, KERNEL_BLOCK_SIZES) and not isinstance(block_sizes,
                                                                     kernel.BlockSizes):
@@ -168,24 +184,20 @@ def dot_product_attention_pallas(query, key, value, bias=None, mask=None, *, sca
                      f"this call runs the {backend} kernel")
   if not isinstance(block_sizes, kernel.BlockSizes):
     block_sizes = None  # the xla tier's BlockSizes: the kernels keep their own defaults
+  alibi = bias.slopes if isinstance(bias, masks_lib.Alibi) else None
+  batch, q_len, num_heads = query.shape[:3]
+  dense = _dense_bias(bias, rest, batch, num_heads, q_len, key.shape[1])
   if backend == "tpu":
     # The TPU kernel takes lengths and ALiBi itself (and skips blocks past the lengths).
-    if bias is not None and not isinstance(bias, masks_lib.Alibi):
-      raise ValueError("the TPU kernel takes no bias arrays or score modifiers but ALiBi")
-    pad = pads[0] if pads else None
     return kernel.flash_attention(
         query, key, value, scale=scale, soft_cap=logits_soft_cap, sinks=sinks, mask=static,
-        q_segment_ids=docs[0].q_segment_ids if docs else None,
-        kv_segment_ids=docs[0].kv_segment_ids if docs else None,
+        q_segment_ids=None if doc is None else doc.q_segment_ids,
+        kv_segment_ids=None if doc is None else doc.kv_segment_ids,
         q_lengths=None if pad is None else pad.q_lengths,
         kv_lengths=None if pad is None else pad.kv_lengths,
-        alibi_slopes=None if bias is None else bias.slopes, block_sizes=block_sizes,
-        interpret=interpret)
-  if bias is not None:
-    raise ValueError("the GPU kernel takes no bias or score modifiers")
-  batch, q_len = query.shape[:2]
-  q_ids, kv_ids = _segment_ids(docs, pads, batch, q_len, key.shape[1])
+        alibi_slopes=alibi, bias=dense, block_sizes=block_sizes, interpret=interpret)
+  q_ids, kv_ids = _segment_ids(doc, pad, batch, q_len, key.shape[1])
   return kernel.flash_attention(
       query, key, value, scale=scale, soft_cap=logits_soft_cap, sinks=sinks, mask=static,
-      q_segment_ids=q_ids, kv_segment_ids=kv_ids, block_sizes=block_sizes,
-      interpret=interpret)
+      q_segment_ids=q_ids, kv_segment_ids=kv_ids, bias=dense, alibi_slopes=alibi,
+      block_sizes=block_sizes, interpret=interpret)

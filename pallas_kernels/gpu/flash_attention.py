@@ -93,6 +93,17 @@ class _Static:
   has_segments: bool
   sizes: BlockSizes
   interpret: bool
+  bias_dims: tuple[bool, bool] | None = None  # a dense bias: (per batch, per head)
+  has_alibi: bool = False
+  emit_ds: bool = False   # the dq kernel writes dS tiles (the bias gradient), not dq
+
+  @property
+  def low_output(self):
+    """Whether the forward also writes the output's rounding error: the sink, slope and
+    (broadcast) bias gradients sum dS = P (dP - delta) over many rows with cancellation,
+    and delta = rowsum(dO * O) from the rounded output alone leaves them ~1e-2 off in
+    bfloat16."""
+    return self.has_sinks or self.has_alibi or self.bias_dims is not None
 
 
 # ----------------------------------------------------------------------- block lists
@@ -140,9 +151,10 @@ def _cast(x, layout, interpret):
   return x if interpret else plgpu.layout_cast(x, layout)
 
 
-def _load(ref, layout, interpret):
-  """A shared-memory vector into registers in ``layout``."""
-  return ref[...] if interpret else plgpu.load(ref, (), layout=layout)
+def _load(ref, layout, interpret, optimized=True):
+  """A shared-memory vector or tile into registers in ``layout`` (``optimized=False``
+  for an untiled float32 tile, which the vectorised path does not take)."""
+  return ref[...] if interpret else plgpu.load(ref, (), layout=layout, optimized=optimized)
 
 
 def _zeros(shape, interpret):
@@ -203,17 +215,44 @@ def _matmul_pair(first, second, interpret):
   return pl.run_state(body)(accs)
 
 
-def _allowed(static, q_base, kv_base, shape, transposed, partial, q_seg=None, kv_seg=None):
+def _positions(static, q_base, kv_base, shape, transposed):
+  """Query and key positions of a tile's elements, in the WGMMA register layout."""
+  q_dim, k_dim = (1, 0) if transposed else (0, 1)
+  iota = lambda dim: _cast(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA,
+                           static.interpret)
+  return iota(q_dim) + q_base, iota(k_dim) + kv_base
+
+
+def _bias_index(static, batch, head):
+  """The dense bias's (batch, head) index for this program (0 on a broadcast axis)."""
+  per_batch, per_head = static.bias_dims
+  return (batch if per_batch else 0, head if per_head else 0)
+
+
+def _needs_positions(static, partial):
+  return partial or static.has_alibi
+
+
+def _add_terms(static, x, bias, slope, pos):
+  """Base-2 logits plus the dense bias tile and ALiBi's ``-slope * |i - j|``."""
+  if bias is not None:
+    x = x + bias * LOG2E
+  if static.has_alibi:
+    q_idx, kv_idx = pos
+    x = x - (slope * LOG2E) * jnp.abs(q_idx - kv_idx).astype(jnp.float32)
+  return x
+
+
+def _allowed(static, pos, shape, transposed, partial, q_seg=None, kv_seg=None):
   """Which ``(query, key)`` pairs of a tile may attend, in the WGMMA register layout.
 
-  ``shape`` is ``[queries, keys]`` (``[keys, queries]`` when ``transposed``). None when
-  nothing needs masking (a FULL block without documents)."""
+  ``shape`` is ``[queries, keys]`` (``[keys, queries]`` when ``transposed``); ``pos`` the
+  tile's positions (:func:`_positions`, needed when ``partial``). None when nothing needs
+  masking (a FULL block without documents)."""
   q_dim, k_dim = (1, 0) if transposed else (0, 1)
   ok = None
   if partial:
-    iota = lambda dim: _cast(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA,
-                             static.interpret)
-    q_idx, kv_idx = iota(q_dim) + q_base, iota(k_dim) + kv_base
+    q_idx, kv_idx = pos
     ok = kv_idx < static.kv_len
     if static.mask is not None:
       ok = ok & static.mask.predicate(q_idx, kv_idx)
@@ -240,7 +279,7 @@ def _forward_kernel(static, refs, scratch):
   sinks_ref, qseg_ref, kvseg_ref = refs.get("sinks"), refs.get("qseg"), refs.get("kvseg")
   o_ref, lse_ref = refs["o"], refs["lse"]
   (q_smem, k_smem, v_smem, lse_smem, qseg_smem, kvseg_smem,
-   q_bar, k_bar, v_bar, seg_bar, k_free, v_free, turn) = scratch
+   q_bar, k_bar, v_bar, seg_bar, k_free, v_free, turn, bias_smem) = scratch
   sizes = static.sizes
   bq, bk, stages = sizes.block_q, sizes.block_k, sizes.stages
   tile, head, batch = _grid_position(order_ref)
@@ -262,6 +301,7 @@ def _forward_kernel(static, refs, scratch):
       plgpu.barrier_wait(seg_bar.at[wg])
       q_seg = _load(qseg_smem.at[wg], plgpu.Layout.WGMMA.reduce(1), static.interpret)
     plgpu.barrier_wait(q_bar.at[wg])
+    slope = refs["slopes"][head] if static.has_alibi else None
     if static.has_sinks:
       m0 = _full_rows(bq, 0.0, static.interpret) + sinks_ref[head] * LOG2E
       l0 = _full_rows(bq, 1.0, static.interpret)
@@ -286,9 +326,17 @@ def _forward_kernel(static, refs, scratch):
       kv_seg = None
       if static.has_segments:
         kv_seg = _load(kvseg_smem.at[slot], plgpu.Layout.WGMMA.reduce(0), static.interpret)
+      bias = None
+      if static.bias_dims is not None:
+        bias = _load(bias_smem.at[slot, pl.ds(wg * bq, bq)], plgpu.Layout.WGMMA,
+                     static.interpret, optimized=False)
       plgpu.barrier_arrive(k_free.at[slot])
+      pos = None
+      if _needs_positions(static, partial):
+        pos = _positions(static, q_base, kv_base, (bq, bk), False)
       x, _ = _logits(static, scores)
-      ok = _allowed(static, q_base, kv_base, (bq, bk), False, partial, q_seg, kv_seg)
+      x = _add_terms(static, x, bias, slope, pos)
+      ok = _allowed(static, pos, (bq, bk), False, partial, q_seg, kv_seg)
       if ok is not None:
         x = jnp.where(ok, x, -jnp.inf)
       m_new = jnp.maximum(m, x.max(axis=1))
@@ -322,10 +370,9 @@ def _forward_kernel(static, refs, scratch):
     rows = (batch, pl.ds(q_base, bq), head)
     plgpu.copy_smem_to_gmem(q_tile, o_ref.at[rows])
     plgpu.copy_smem_to_gmem(lse_tile, lse_ref.at[batch, head, pl.ds(q_base, bq)])
-    if static.has_sinks:
-      # The rounding error of the output, for the backward's delta = rowsum(dO * O): the
-      # sink gradient sums delta over every row with cancellation, and the rounded output
-      # alone leaves it ~1e-2 off in bf16. The staging tile is reused once TMA has read it.
+    if static.low_output:
+      # The rounding error of the output, for the backward's delta (see _Static). The
+      # staging tile is reused once TMA has read it.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       q_tile[...] = (acc - out.astype(acc.dtype)).astype(q_tile.dtype)
       plgpu.commit_smem()
@@ -346,16 +393,24 @@ def _forward_kernel(static, refs, scratch):
         # The segment ids ride on the key barrier (two arrivals): one wait covers both.
         plgpu.copy_gmem_to_smem(kvseg_ref.at[batch, pl.ds(kv_base, bk)],
                                 kvseg_smem.at[slot], k_bar.at[slot])
+      if static.bias_dims is not None:
+        # Both compute warpgroups' bias tiles in one copy, on the key barrier too.
+        plgpu.copy_gmem_to_smem(
+            refs["bias"].at[_bias_index(static, batch, head)
+                            + (pl.ds(tile * (_COMPUTE_WGS * bq), _COMPUTE_WGS * bq),
+                               pl.ds(kv_base, bk))],
+            bias_smem.at[slot], k_bar.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
 
     _produce_ring(load, count, stages, (k_free, v_free))
 
 
-def _forward(static, q, k, v, sinks, q_seg, kv_seg, order, meta):
+def _forward(static, q, k, v, sinks, q_seg, kv_seg, order, meta, bias=None, slopes=None):
   batch, q_pad, num_heads, head_dim = q.shape
   sizes = static.sizes
   bq, bk, stages = sizes.block_q, sizes.block_k, sizes.stages
   dtype, w, seg = q.dtype, _COMPUTE_WGS, static.has_segments
+  has_bias = static.bias_dims is not None
   scratch = (
       _swizzled((w, bq, head_dim), dtype),
       _swizzled((stages, bk, head_dim), dtype),
@@ -364,19 +419,21 @@ def _forward(static, q, k, v, sinks, q_seg, kv_seg, order, meta):
       plgpu.SMEM((w, bq), jnp.int32) if seg else None,
       plgpu.SMEM((stages, bk), jnp.int32) if seg else None,
       plgpu.Barrier(num_barriers=w),
-      plgpu.Barrier(num_arrivals=2 if seg else 1, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=1 + seg + has_bias, num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=w),
       plgpu.Barrier(num_arrivals=w, num_barriers=stages),
       plgpu.Barrier(num_arrivals=w, num_barriers=stages),
       plgpu.Barrier(num_arrivals=w),
+      plgpu.SMEM((stages, w * bq, bk), jnp.float32) if has_bias else None,
   )
   return _launch(
       static, _forward_kernel,
-      dict(q=q, k=k, v=v, order=order, meta=meta, sinks=sinks, qseg=q_seg, kvseg=kv_seg),
+      dict(q=q, k=k, v=v, order=order, meta=meta, sinks=sinks, qseg=q_seg, kvseg=kv_seg,
+           bias=bias, slopes=slopes),
       dict(o=jax.ShapeDtypeStruct(q.shape, dtype),
            lse=jax.ShapeDtypeStruct((batch, num_heads, q_pad), jnp.float32),
-           **(dict(o_low=jax.ShapeDtypeStruct(q.shape, dtype)) if static.has_sinks else {})),
+           **(dict(o_low=jax.ShapeDtypeStruct(q.shape, dtype)) if static.low_output else {})),
       (q_pad // (w * bq), num_heads, batch), scratch)
 
 
@@ -411,7 +468,7 @@ def _launch(static, kernel, inputs, out_type, grid, scratch):
 
 def _dq_kernel(static, refs, scratch):
   (q_smem, do_smem, lse_smem, delta_smem, qseg_smem, k_smem, v_smem, kvseg_smem,
-   row_bar, k_bar, v_bar, k_free, v_free) = scratch
+   row_bar, k_bar, v_bar, k_free, v_free, bias_smem) = scratch
   sizes = static.sizes
   bq, bk, stages = sizes.block_q_bwd, sizes.block_k_dq, sizes.stages_bwd
   order_ref, meta_ref = refs["order"], refs["meta"]
@@ -440,8 +497,10 @@ def _dq_kernel(static, refs, scratch):
     delta = _load(delta_smem.at[wg], row, interpret)
     q_seg = _load(qseg_smem.at[wg], row, interpret) if static.has_segments else None
     q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
+    slope = refs["slopes"][head] if static.has_alibi else None
 
-    def step(s, dq, partial):
+    def step(s, carry, partial):
+      dq, dslope = carry
       slot = lax.rem(s, jnp.int32(stages))
       kv_base = order_ref[tile, s] * bk
       plgpu.barrier_wait(k_bar.at[slot])
@@ -452,24 +511,51 @@ def _dq_kernel(static, refs, scratch):
       kv_seg = None
       if static.has_segments:
         kv_seg = _load(kvseg_smem.at[slot], plgpu.Layout.WGMMA.reduce(0), interpret)
+      bias_tile = bias = None
+      if static.bias_dims is not None:
+        bias_tile = bias_smem.at[slot, pl.ds(wg * bq, bq)]
+        bias = _load(bias_tile, plgpu.Layout.WGMMA, interpret, optimized=False)
+      pos = None
+      if _needs_positions(static, partial):
+        pos = _positions(static, q_base, kv_base, (bq, bk), False)
       x, t = _logits(static, scores)
-      ok = _allowed(static, q_base, kv_base, (bq, bk), False, partial, q_seg, kv_seg)
+      x = _add_terms(static, x, bias, slope, pos)
+      ok = _allowed(static, pos, (bq, bk), False, partial, q_seg, kv_seg)
       if ok is not None:
         x = jnp.where(ok, x, -jnp.inf)
       p = jnp.exp2(x - lax.broadcast_in_dim(lse, (bq, bk), [0]))
-      ds = p * (dp - lax.broadcast_in_dim(delta, (bq, bk), [0]))
+      ds = p * (dp - lax.broadcast_in_dim(delta, (bq, bk), [0]))  # d loss / d logits
+      if static.emit_ds:
+        # The bias gradient: this tile of dS goes out through the bias slot it came in.
+        bias_tile[...] = ds
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(
+            bias_tile, refs["dbias"].at[batch, head, pl.ds(q_base, bq), pl.ds(kv_base, bk)])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(k_free.at[slot])
+        return dq, dslope
+      if static.has_alibi:
+        dslope = dslope + (ds * jnp.abs(pos[0] - pos[1]).astype(jnp.float32)).sum(axis=1)
       if t is not None:
         ds = ds * (1.0 - t * t)
       dq = _matmul_add(dq, ds.astype(k_smem.dtype), k_smem.at[slot], interpret)
       plgpu.barrier_arrive(k_free.at[slot])
-      return dq
+      return dq, dslope
 
-    dq = _zeros((bq, q_tile.shape[-1]), interpret)
-    dq = lax.fori_loop(0, n_partial, functools.partial(step, partial=True), dq)
-    dq = lax.fori_loop(n_partial, count, functools.partial(step, partial=False), dq)
+    carry = (_zeros((bq, q_tile.shape[-1]), interpret), _full_rows(bq, 0.0, interpret))
+    carry = lax.fori_loop(0, n_partial, functools.partial(step, partial=True), carry)
+    dq, dslope = lax.fori_loop(n_partial, count, functools.partial(step, partial=False), carry)
+    if static.emit_ds:
+      plgpu.wait_smem_to_gmem(0)
+      return
     q_tile[...] = (dq * static.scale).astype(q_tile.dtype)
+    if static.has_alibi:
+      # Row sums of dS * |i - j|: minus the slope gradient, summed over rows outside.
+      lse_smem.at[wg][...] = dslope
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_tile, refs["dq"].at[rows])
+    if static.has_alibi:
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg], refs["dslope_rows"].at[vec])
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _COMPUTE_WGS)
@@ -486,6 +572,12 @@ def _dq_kernel(static, refs, scratch):
       if static.has_segments:
         plgpu.copy_gmem_to_smem(refs["kvseg"].at[batch, pl.ds(kv_base, bk)],
                                 kvseg_smem.at[slot], k_bar.at[slot])
+      if static.bias_dims is not None:
+        plgpu.copy_gmem_to_smem(
+            refs["bias"].at[_bias_index(static, batch, head)
+                            + (pl.ds(tile * (_COMPUTE_WGS * bq), _COMPUTE_WGS * bq),
+                               pl.ds(kv_base, bk))],
+            bias_smem.at[slot], k_bar.at[slot])
       plgpu.copy_gmem_to_smem(refs["v"].at[rows], v_smem.at[slot], v_bar.at[slot])
 
     _produce_ring(load, count, stages, (k_free, v_free))
@@ -516,7 +608,7 @@ def _produce_ring(load, count, stages, free_barriers):
 
 def _dkv_kernel(static, refs, scratch):
   (k_smem, v_smem, kvseg_smem, q_smem, do_smem, lse_smem, delta_smem, qseg_smem,
-   col_bar, q_bar, do_bar, q_free, do_free) = scratch
+   col_bar, q_bar, do_bar, q_free, do_free, bias_smem) = scratch
   sizes = static.sizes
   bq, bk, stages = sizes.block_q_bwd, sizes.block_k_bwd, sizes.stages_bwd
   tile, kv_head, batch = lax.axis_index("tile"), lax.axis_index("head"), lax.axis_index("batch")
@@ -553,8 +645,17 @@ def _dkv_kernel(static, refs, scratch):
       scores_t = _matmul(k_tile, q_smem.at[slot], (bk, bq), interpret, transpose_b=True)
       lse = _load(lse_smem.at[slot], col, interpret)
       q_seg = _load(qseg_smem.at[slot], col, interpret) if static.has_segments else None
+      bias_t = None
+      if static.bias_dims is not None:
+        bias_t = _load(bias_smem.at[slot, pl.ds(wg * bk, bk)], plgpu.Layout.WGMMA, interpret,
+                       optimized=False)
+      slope = refs["slopes"][kv_head * groups + g] if static.has_alibi else None
+      pos = None
+      if _needs_positions(static, partial):
+        pos = _positions(static, q_base, kv_base, (bk, bq), True)
       x, t = _logits(static, scores_t)
-      ok = _allowed(static, q_base, kv_base, (bk, bq), True, partial, q_seg, kv_seg)
+      x = _add_terms(static, x, bias_t, slope, pos)
+      ok = _allowed(static, pos, (bk, bq), True, partial, q_seg, kv_seg)
       if ok is not None:
         x = jnp.where(ok, x, -jnp.inf)
       p_t = jnp.exp2(x - lax.broadcast_in_dim(lse, (bk, bq), [1]))
@@ -601,14 +702,23 @@ def _dkv_kernel(static, refs, scratch):
       if static.has_segments:
         plgpu.copy_gmem_to_smem(refs["qseg"].at[batch, pl.ds(q_base, bq)],
                                 qseg_smem.at[slot], q_bar.at[slot])
+      if static.bias_dims is not None:
+        # The transposed bias [.., S, T]: both compute warpgroups' key rows in one copy.
+        plgpu.copy_gmem_to_smem(
+            refs["bias_t"].at[_bias_index(static, batch, head)
+                              + (pl.ds(tile * (_COMPUTE_WGS * bk), _COMPUTE_WGS * bk),
+                                 pl.ds(q_base, bq))],
+            bias_smem.at[slot], q_bar.at[slot])
       plgpu.copy_gmem_to_smem(refs["do"].at[rows], do_smem.at[slot], do_bar.at[slot])
       plgpu.copy_gmem_to_smem(refs["delta"].at[vec], delta_smem.at[slot], do_bar.at[slot])
 
     _produce_ring(load, groups * count, stages, (q_free, do_free))
 
 
-def _backward(static, q, k, v, sinks, q_seg, kv_seg, lse, delta, do, lists):
+def _backward(static, q, k, v, sinks, q_seg, kv_seg, lse, delta, do, lists, bias=None,
+              bias_t=None, slopes=None):
   (dq_order, dq_meta), (dkv_order, dkv_meta) = lists
+  has_bias = static.bias_dims is not None
   batch, q_pad, num_heads, head_dim = q.shape
   kv_pad, num_kv = k.shape[1], k.shape[2]
   sizes = static.sizes
@@ -629,17 +739,26 @@ def _backward(static, q, k, v, sinks, q_seg, kv_seg, lse, delta, do, lists):
       _swizzled((stages, bk_dq, head_dim), dtype), _swizzled((stages, bk_dq, head_dim), dtype),
       opt((stages, bk_dq), jnp.int32),
       plgpu.Barrier(num_arrivals=5 if seg else 4, num_barriers=w),
-      plgpu.Barrier(num_arrivals=2 if seg else 1, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=1 + seg + has_bias, num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_arrivals=w, num_barriers=stages),
       plgpu.Barrier(num_arrivals=w, num_barriers=stages),
+      plgpu.SMEM((stages, w * bq, bk_dq), jnp.float32) if has_bias else None,
   )
-  dq, = _launch(
-      static, _dq_kernel,
-      dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, order=dq_order, meta=dq_meta,
-           qseg=q_seg, kvseg=kv_seg),
-      dict(dq=jax.ShapeDtypeStruct(q.shape, dtype)),
-      (q_pad // (w * bq), num_heads, batch), dq_scratch)
+  dq_inputs = dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, order=dq_order, meta=dq_meta,
+                   qseg=q_seg, kvseg=kv_seg, bias=bias, slopes=slopes)
+  dq_grid = (q_pad // (w * bq), num_heads, batch)
+  dq_out = dict(dq=jax.ShapeDtypeStruct(q.shape, dtype))
+  if static.has_alibi:
+    dq_out["dslope_rows"] = jax.ShapeDtypeStruct((batch, num_heads, q_pad), jnp.float32)
+  dq, *dslope_rows = _launch(static, _dq_kernel, dq_inputs, dq_out, dq_grid, dq_scratch)
+  dbias = None
+  if has_bias:
+    # A launch of its own, so that XLA drops it when the bias needs no gradient.
+    dbias, = _launch(
+        dataclasses.replace(static, emit_ds=True), _dq_kernel, dq_inputs,
+        dict(dbias=jax.ShapeDtypeStruct((batch, num_heads, q_pad, kv_pad), jnp.float32)),
+        dq_grid, dq_scratch)
 
   dkv_scratch = (
       _swizzled((w, bk, head_dim), dtype), _swizzled((w, bk, head_dim), dtype),
@@ -648,18 +767,19 @@ def _backward(static, q, k, v, sinks, q_seg, kv_seg, lse, delta, do, lists):
       plgpu.SMEM((stages, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.float32),
       opt((stages, bq), jnp.int32),
       plgpu.Barrier(num_arrivals=3 if seg else 2, num_barriers=w),
-      plgpu.Barrier(num_arrivals=3 if seg else 2, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=2 + seg + has_bias, num_barriers=stages),
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       plgpu.Barrier(num_arrivals=w, num_barriers=stages),
       plgpu.Barrier(num_arrivals=w, num_barriers=stages),
+      plgpu.SMEM((stages, w * bk, bq), jnp.float32) if has_bias else None,
   )
   dk, dv = _launch(
       static, _dkv_kernel,
       dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, order=dkv_order, meta=dkv_meta,
-           qseg=q_seg, kvseg=kv_seg),
+           qseg=q_seg, kvseg=kv_seg, bias_t=bias_t, slopes=slopes),
       dict(dk=jax.ShapeDtypeStruct(k.shape, dtype), dv=jax.ShapeDtypeStruct(v.shape, dtype)),
       (kv_pad // (w * bk), num_kv, batch), dkv_scratch)
-  return dq, dk, dv
+  return dq, dk, dv, dbias, (dslope_rows[0] if dslope_rows else None)
 
 
 # --------------------------------------------------------------------------- wrapper
@@ -726,30 +846,46 @@ def _as_device(lists):
   return tuple(tuple(jnp.asarray(x) for x in pair) for pair in lists)
 
 
-def _fwd_impl(static, q_len, kv_len, q, k, v, sinks, q_seg, kv_seg):
+def _pad_bias(static, bias, q_pad, kv_pad):
+  """The dense bias in float32, padded to the kernels' lengths, and its transpose (the
+  dk/dv pass walks key rows); (None, None) without one."""
+  if bias is None:
+    return None, None
+  bias = _pad_to(_pad_to(bias.astype(jnp.float32), q_pad, 2), kv_pad, 3)
+  return bias, jnp.swapaxes(bias, 2, 3)
+
+
+def _fwd_impl(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg):
   qp, kp, vp, qs, ks = _pad_inputs(static, q, k, v, q_seg, kv_seg)
   lists = _as_device(_block_lists(static, q_len, kv_len, qp.shape[1], kp.shape[1]))
   sinks32 = None if sinks is None else sinks.astype(jnp.float32)
+  slopes32 = None if slopes is None else slopes.astype(jnp.float32)
+  bias_p, _ = _pad_bias(static, bias, qp.shape[1], kp.shape[1])
   outs = _sharded(
-      lambda q, k, v, sinks, qs, ks, order, meta: _forward(static, q, k, v, sinks, qs, ks,
-                                                           order, meta),
+      lambda q, k, v, sinks, qs, ks, order, meta, bias, slopes: _forward(
+          static, q, k, v, sinks, qs, ks, order, meta, bias, slopes),
       static, dict(q=qp, k=kp, v=vp, sinks=sinks32, qs=qs, ks=ks, order=lists[0][0],
-                   meta=lists[0][1]), ((0, 2), (0, 1)) + (((0, 2),) if static.has_sinks else ()))
+                   meta=lists[0][1], bias=bias_p, slopes=slopes32),
+      ((0, 2), (0, 1)) + (((0, 2),) if static.low_output else ()))
   o, lse = outs[:2]
-  # With sinks the residual output is O to ~16 bits (high + low part), see the kernel.
-  o_res = o.astype(jnp.float32) + outs[2].astype(jnp.float32) if static.has_sinks else o
-  return o[:, :q_len], (qp, kp, vp, sinks, qs, ks, o_res, lse)
+  # The residual output to ~16 bits (high + low part) where _Static.low_output says why.
+  o_res = o.astype(jnp.float32) + outs[2].astype(jnp.float32) if static.low_output else o
+  return o[:, :q_len], (qp, kp, vp, sinks, bias, slopes, qs, ks, o_res, lse)
 
 
 # (batch dim, head dim) of each kernel operand; None: replicated (block tables).
-_DIMS = dict(q=(0, 2), k=(0, 2), v=(0, 2), do=(0, 2), sinks=(None, 0), qs=(0, None),
-             ks=(0, None), lse=(0, 1), delta=(0, 1))
+_DIMS = dict(q=(0, 2), k=(0, 2), v=(0, 2), do=(0, 2), sinks=(None, 0), slopes=(None, 0),
+             qs=(0, None), ks=(0, None), lse=(0, 1), delta=(0, 1))
 
 
 def _sharded(fn, static, operands, out_dims):
   """``fn(**operands)``, split per device over batch and heads when the program spans
   several devices (``pallas_kernels.partition``); None operands stay None."""
   names = [n for n, x in operands.items() if x is not None]
+  dims = dict(_DIMS)
+  if static.bias_dims is not None:
+    per_batch, per_head = static.bias_dims
+    dims["bias"] = dims["bias_t"] = (0 if per_batch else None, 1 if per_head else None)
 
   # A Mosaic GPU kernel has no batching rule: under vmap the launches run one after
   # another over the mapped axis.
@@ -761,43 +897,69 @@ def _sharded(fn, static, operands, out_dims):
   if static.interpret or jax.device_count() == 1:
     return run(*(operands[n] for n in names))
   partitioned = partition.batch_head_partitioned(
-      run, [_DIMS.get(n) for n in names], out_dims)
+      run, [dims.get(n) for n in names], out_dims)
   return partitioned(*(operands[n] for n in names))
 
 
-def _attention_plain(static, q_len, kv_len, q, k, v, sinks, q_seg, kv_seg):
-  return _fwd_impl(static, q_len, kv_len, q, k, v, sinks, q_seg, kv_seg)[0]
+def _attention_plain(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg):
+  return _fwd_impl(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg)[0]
 
 
-def _attention_fwd(static, q_len, kv_len, q, k, v, sinks, q_seg, kv_seg):
-  out, res = _fwd_impl(static, q_len, kv_len, q, k, v, sinks, q_seg, kv_seg)
-  return out, res
+def _attention_fwd(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg):
+  return _fwd_impl(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg)
 
 
 def _int_cotangent(x):
   return None if x is None else np.zeros(x.shape, jax.dtypes.float0)
 
 
+def _visited(summary, rows, cols, q_pad, kv_pad):
+  """``[q_pad, kv_pad]`` bool: the elements of the blocks a kernel's block list visits."""
+  grid = np.zeros((q_pad // rows, kv_pad // cols), bool)
+  grid[:summary.shape[0], :summary.shape[1]] = summary != EMPTY
+  return np.repeat(np.repeat(grid, rows, 0), cols, 1)
+
+
 def _attention_bwd(static, q_len, kv_len, res, do):
-  qp, kp, vp, sinks, qs, ks, o, lse = res
+  qp, kp, vp, sinks, bias, slopes, qs, ks, o, lse = res
   do = _pad_to(do, qp.shape[1], 1)
   # D_i = sum_h dO_ih O_ih, the row term of the softmax backward, [B, N, T].
   delta = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), o.astype(jnp.float32))
   lists = _as_device(_block_lists(static, q_len, kv_len, qp.shape[1], kp.shape[1]))
-  dq, dk, dv = _sharded(
-      lambda q, k, v, qs, ks, lse, delta, do, dq_order, dq_meta, dkv_order, dkv_meta:
-      _backward(static, q, k, v, None, qs, ks, lse, delta, do,
-                ((dq_order, dq_meta), (dkv_order, dkv_meta))),
+  bias_p, bias_t = _pad_bias(static, bias, qp.shape[1], kp.shape[1])
+  slopes32 = None if slopes is None else slopes.astype(jnp.float32)
+  dq, dk, dv, dbias, dslope_rows = _sharded(
+      lambda q, k, v, qs, ks, lse, delta, do, dq_order, dq_meta, dkv_order, dkv_meta, bias,
+      bias_t, slopes: _backward(static, q, k, v, None, qs, ks, lse, delta, do,
+                                ((dq_order, dq_meta), (dkv_order, dkv_meta)), bias, bias_t,
+                                slopes),
       static, dict(q=qp, k=kp, v=vp, qs=qs, ks=ks, lse=lse, delta=delta, do=do,
                    dq_order=lists[1][0], dq_meta=lists[1][1], dkv_order=lists[2][0],
-                   dkv_meta=lists[2][1]), ((0, 2), (0, 2), (0, 2)))
+                   dkv_meta=lists[2][1], bias=bias_p, bias_t=bias_t, slopes=slopes32),
+      ((0, 2), (0, 2), (0, 2)) + (((0, 1),) if bias is not None else ())
+      + (((0, 1),) if slopes is not None else ()))
   dsinks = None
   if sinks is not None:
     # d lse / d sink = p_sink and d out / d lse = -out: dsink_n = -sum_t p_sink * D_t.
     lse_nat = lse * math.log(2.0)
     p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse_nat)
     dsinks = -(p_sink * delta).sum((0, 2)).astype(sinks.dtype)
-  return (dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len], dsinks,
+  dbias_out = None
+  if bias is not None:
+    # Blocks the dq pass skips are never written: their dS is zero (nothing attends).
+    sizes = static.sizes
+    summary = _summary(static.mask, q_len, kv_len, _COMPUTE_WGS * sizes.block_q_bwd,
+                       sizes.block_k_dq)
+    visited = _visited(summary, _COMPUTE_WGS * sizes.block_q_bwd, sizes.block_k_dq,
+                       qp.shape[1], kp.shape[1])
+    dbias = jnp.where(visited, dbias, 0.0)[:, :, :q_len, :kv_len]
+    axes = tuple(i for i in (0, 1) if bias.shape[i] == 1)
+    dbias_out = (dbias.sum(axes, keepdims=True) if axes else dbias).astype(bias.dtype)
+  dslopes = None
+  if slopes is not None:
+    # d logit_ij / d slope_n = -|i - j|; the kernel summed dS * |i - j| over each row.
+    dslopes = -dslope_rows[:, :, :q_len].sum((0, 2)).astype(slopes.dtype)
+  return (dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len], dsinks, dbias_out, dslopes,
           _int_cotangent(qs if qs is None else qs[:, :q_len]),
           _int_cotangent(ks if ks is None else ks[:, :kv_len]))
 
@@ -806,10 +968,26 @@ _attention = jax.custom_vjp(_attention_plain, nondiff_argnums=(0, 1, 2))
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+_SMEM_BYTES = 227 * 1024  # the per-block shared memory limit of sm_90
+
+
+def _smem_needs(sizes, head_dim, itemsize, has_bias):
+  """Approximate shared memory of (forward, dq, dk/dv) kernels, bytes (the tiles only)."""
+  w, f32 = _COMPUTE_WGS, 4
+  bias = lambda rows, cols, stages: stages * w * rows * cols * f32 if has_bias else 0
+  fwd = (w * sizes.block_q + 2 * sizes.stages * sizes.block_k) * head_dim * itemsize \
+      + bias(sizes.block_q, sizes.block_k, sizes.stages)
+  dq = (2 * w * sizes.block_q_bwd + 2 * sizes.stages_bwd * sizes.block_k_dq) * head_dim \
+      * itemsize + bias(sizes.block_q_bwd, sizes.block_k_dq, sizes.stages_bwd)
+  dkv = (2 * w * sizes.block_k_bwd + 2 * sizes.stages_bwd * sizes.block_q_bwd) * head_dim \
+      * itemsize + bias(sizes.block_k_bwd, sizes.block_q_bwd, sizes.stages_bwd)
+  return dict(forward=fwd, dq=dq, dkv=dkv)
+
+
 def flash_attention(q, k, v, *, scale, soft_cap=None, sinks=None, mask=None,
-                    q_segment_ids=None, kv_segment_ids=None, block_sizes=None,
-                    interpret=False):
-  """Softmax attention on a Hopper GPU, differentiable in q, k, v and sinks.
+                    q_segment_ids=None, kv_segment_ids=None, bias=None, alibi_slopes=None,
+                    block_sizes=None, interpret=False):
+  """Softmax attention on a Hopper GPU, differentiable in q, k, v, sinks, bias and slopes.
 
   Args:
     q: ``[B, T, N, H]`` bfloat16 or float16; k, v: ``[B, S, K, H]``, ``N % K == 0``,
@@ -822,6 +1000,12 @@ def flash_attention(q, k, v, *, scale, soft_cap=None, sinks=None, mask=None,
       FULL codes), such as those of ``attnlab.ops.masks``.
     q_segment_ids, kv_segment_ids: ``[B, T]``, ``[B, S]`` ints (both or neither): a query
       sees the keys of its own segment.
+    bias: ``[B or 1, N or 1, T, S]`` float, added to the (soft-capped) logits; ``-inf``
+      entries mask pairs out. Streamed tile by tile next to the keys (float32), so it costs
+      memory traffic: the default block sizes then take 64-key blocks. Its gradient (dS)
+      comes from a launch of its own that XLA drops when it is not needed.
+    alibi_slopes: ``[N]`` float: ALiBi's ``-slopes[n] * |i - j|`` added to the logits,
+      computed in registers.
     block_sizes: :class:`BlockSizes`.
     interpret: run on CPU through the Mosaic GPU interpreter (tests).
 
@@ -831,8 +1015,34 @@ def flash_attention(q, k, v, *, scale, soft_cap=None, sinks=None, mask=None,
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("pass both q_segment_ids and kv_segment_ids or neither, got "
                      f"{q_segment_ids is None=}, {kv_segment_ids is None=}")
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_len = k.shape[1]
+  bias_dims = None
+  if bias is not None:
+    shape = tuple(np.shape(bias))
+    if (len(shape) != 4 or shape[0] not in (1, batch) or shape[1] not in (1, num_heads)
+        or shape[2:] != (q_len, kv_len)):
+      raise ValueError(f"bias must be [B or 1, N or 1, T, S] = [{batch} or 1, {num_heads} or "
+                       f"1, {q_len}, {kv_len}], got {shape}")
+    if not jnp.issubdtype(bias.dtype, jnp.floating):
+      raise ValueError(f"bias must be floating point, got {bias.dtype}")
+    # (per batch, per head); an axis of size 1 is read at index 0 either way.
+    bias_dims = (shape[0] == batch and batch > 1, shape[1] == num_heads and num_heads > 1)
+  if alibi_slopes is not None and (np.shape(alibi_slopes) != (num_heads,) or
+                                   not jnp.issubdtype(alibi_slopes.dtype, jnp.floating)):
+    raise ValueError(f"alibi_slopes must be float [N] = [{num_heads}], got "
+                     f"{np.shape(alibi_slopes)} {getattr(alibi_slopes, 'dtype', None)}")
+  if block_sizes is None:
+    block_sizes = BlockSizes(block_k=64) if bias is not None else BlockSizes()
+  needs = _smem_needs(block_sizes, head_dim, q.dtype.itemsize, bias is not None)
+  for kernel, need in needs.items():
+    if need > _SMEM_BYTES:
+      raise ValueError(f"block_sizes={block_sizes} need ~{need // 1024} KB of shared memory "
+                       f"in the {kernel} kernel at head dim {head_dim}"
+                       f"{' with a bias' if bias is not None else ''}; sm_90 has 227 KB")
   static = _Static(float(scale), None if soft_cap is None else float(soft_cap), mask,
-                   k.shape[1], q.shape[2] // k.shape[2], sinks is not None,
-                   q_segment_ids is not None, block_sizes or BlockSizes(), bool(interpret))
-  return _attention(static, q.shape[1], k.shape[1], q, k, v, sinks, q_segment_ids,
-                    kv_segment_ids)
+                   kv_len, num_heads // k.shape[2], sinks is not None,
+                   q_segment_ids is not None, block_sizes, bool(interpret),
+                   bias_dims=bias_dims, has_alibi=alibi_slopes is not None)
+  return _attention(static, q_len, kv_len, q, k, v, sinks, bias, alibi_slopes,
+                    q_segment_ids, kv_segment_ids)

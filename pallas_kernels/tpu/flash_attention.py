@@ -1,9 +1,10 @@
-"""Flash attention as Mosaic TPU kernels: forward, dq pass and dk/dv pass.
+"""Flash attention as Mosaic TPU kernels: forward, dq pass, dk/dv pass (and dbias pass).
 
 FlashAttention (Dao et al. 2022; FlashAttention-2, Dao 2023, Alg. 1 and 2) on a TPU grid.
 For query head ``n`` (key head ``n // G``, ``G = N // K``)::
 
-    s  = scale * q k^T,   z = c tanh(s / c) (soft cap, optional),   l = z - slope_n |i - j|
+    s  = scale * q k^T,   z = c tanh(s / c) (soft cap, optional),
+    l  = z + bias[b, n, i, j] - slope_n |i - j|      (bias and ALiBi optional)
     p  = allowed * exp(l - lse),   lse = log(sum_allowed exp(l) + exp(sink_n)),   o = p v
 
 The forward visits key blocks with a running max ``m`` and sum ``l`` per query row (the
@@ -23,6 +24,13 @@ backward recomputes ``p`` from ``lse`` in two kernels (FlashAttention-2 §3.2):
 ``dsinks = -sum_rows exp(sink - lse) D`` and the ALiBi slope gradient need no ``[T, S]``
 array: the first is computed from ``lse`` and ``D`` outside the kernels, the second from
 one ``(8, 128)`` partial sum per (batch, head, query block) written by the dq pass.
+
+An additive ``bias [Bb, Nb, T, S]`` (Bb in {1, B}, Nb in {1, N}; -inf entries exclude
+pairs) is read by every pass as ``[bq, bk]`` tiles (transposed in VMEM by the dk/dv pass).
+Its cotangent ``dl`` (no ``1 - tanh^2`` factor: the bias is added after the cap) comes from
+a fourth kernel, the dq grid writing each live ``dl`` tile to ``[B, N, T, S]`` float32;
+blocks it never computes are zeroed and broadcast axes summed in XLA. Being its own call,
+XLA drops it when the bias gradient is unused.
 
 Block skipping. The static mask's ``block_summary`` (NumPy, at trace time) marks key
 blocks EMPTY / PARTIAL / FULL. Sequence lengths and segment ids add per-batch dynamic
@@ -119,6 +127,10 @@ class _Config:
   has_sinks: bool
   has_alibi: bool
   interpret: Any
+  # The additive bias ``[Bb, Nb, T, S]``: present, and whether Bb = B / Nb = N (else 1).
+  has_bias: bool = False
+  bias_per_batch: bool = False
+  bias_per_head: bool = False
 
   @property
   def groups(self) -> int:
@@ -205,6 +217,7 @@ class _Lists(NamedTuple):
   codes: jax.Array  # [B, R, W] static code (PARTIAL / FULL) of each listed pair
   rows: jax.Array  # [B, R] row block to load: the row itself, or the last live row
   width: int  # W, the static grid extent of the step axis
+  live: jax.Array  # [B, R, C] bool: the pairs of row and partner blocks that are computed
 
   def prefetch(self, q_lens, kv_lens):
     return self.blocks, self.counts, self.codes, self.rows, q_lens, kv_lens
@@ -254,7 +267,7 @@ def _block_lists(cfg: _Config, bq: int, bk: int, q_lens, kv_lens, ids,
   blocks = jnp.take_along_axis(flat, latest, axis=1).reshape(batch, num_rows, width)
   codes = jnp.take_along_axis(jnp.broadcast_to(codes_all, live.shape), blocks, axis=2)
   rows = _latest(counts > 0).astype(jnp.int32)
-  return _Lists(blocks, counts, codes, rows, width)
+  return _Lists(blocks, counts, codes, rows, width, live)
 
 
 def _block_range(ids, block):
@@ -266,11 +279,12 @@ def _block_range(ids, block):
 # ------------------------------------------------------------------------- score tile
 
 
-def _tile(cfg: _Config, s, q_idx, kv_idx, masked, q_len, kv_len, seg_eq, slope):
+def _tile(cfg: _Config, s, q_idx, kv_idx, masked, q_len, kv_len, seg_eq, slope, bias):
   """Scaled, capped, biased and masked logits of one tile.
 
   ``s`` is ``q k^T`` in float32, ``[bq, bk]`` (or ``[bk, bq]`` with ``q_idx [1, bq]`` and
-  ``kv_idx [bk, 1]`` in the transposed dk/dv pass: every rule below is element-wise).
+  ``kv_idx [bk, 1]`` in the transposed dk/dv pass: every rule below is element-wise);
+  ``bias`` is None or the float32 bias tile in the same orientation (-inf allowed).
   Returns ``(logits with -inf where not allowed, tanh of the cap or None, |i - j| or None)``.
   """
   s = s * cfg.scale
@@ -278,6 +292,9 @@ def _tile(cfg: _Config, s, q_idx, kv_idx, masked, q_len, kv_len, seg_eq, slope):
   if cfg.soft_cap is not None:
     tanh = jnp.tanh(s * (1.0 / cfg.soft_cap))
     s = cfg.soft_cap * tanh
+  if bias is not None:
+    # After the cap: the bias is not squashed, and tanh above stays that of the scores.
+    s = s + bias
   dist = None
   if cfg.has_alibi:
     dist = jnp.abs(q_idx - kv_idx).astype(jnp.float32)
@@ -340,8 +357,8 @@ def _forward_kernel(cfg: _Config, blocks_ref, counts_ref, codes_ref, rows_ref, q
                     kv_lens_ref, q_ref, k_ref, v_ref, *refs):
   del rows_ref  # read by the index maps only
   bq, bk = cfg.fwd
-  (seg, sinks_ref, slopes_ref), refs = _unpack(
-      refs, (2 * cfg.has_segments, int(cfg.has_sinks), int(cfg.has_alibi)))
+  (seg, sinks_ref, slopes_ref, bias_ref), refs = _unpack(
+      refs, (2 * cfg.has_segments, int(cfg.has_sinks), int(cfg.has_alibi), int(cfg.has_bias)))
   o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
   b, n, i, j = (pl.program_id(a) for a in range(4))
 
@@ -363,7 +380,9 @@ def _forward_kernel(cfg: _Config, blocks_ref, counts_ref, codes_ref, rows_ref, q
     q_idx, kv_idx = i * bq + _rows(bq), kv_block * bk + _cols(bk)
     seg_eq = None if seg is None else seg[0][...] == seg[1][...]
     slope = None if slopes_ref is None else slopes_ref[n]
-    s, _, _ = _tile(cfg, _dot(q, k, 1), q_idx, kv_idx, masked, q_len, kv_len, seg_eq, slope)
+    bias = None if bias_ref is None else bias_ref[...].astype(jnp.float32)
+    s, _, _ = _tile(cfg, _dot(q, k, 1), q_idx, kv_idx, masked, q_len, kv_len, seg_eq, slope,
+                    bias)
     # m and l are kept lane-replicated in (bq, 128) scratch; column 0 is the value.
     m_prev, l_prev = m_ref[:, :1], l_ref[:, :1]
     m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
@@ -407,14 +426,24 @@ def _row_major_specs(cfg: _Config, bq: int, bk: int):
       "q_ids": pl.BlockSpec((None, bq, 1),
                             lambda b, n, i, j, blk, cnt, cod, rows, *_: (b, rows[b, i], 0)),
       "kv_ids": pl.BlockSpec((None, 1, bk), lambda b, n, i, j, blk, *_: (b, 0, blk[b, i, j])),
+      "bias": pl.BlockSpec((None, None, bq, bk),
+                           lambda b, n, i, j, blk, cnt, cod, rows, *_:
+                           _bias_index(cfg, b, n, rows[b, i], blk[b, i, j])),
   }
 
 
-def _extras(cfg: _Config, specs, ids, sinks, slopes, transposed: bool):
-  """The optional inputs (segment ids, sinks, slopes) and their specs, in kernel order.
+def _bias_index(cfg: _Config, b, n, q_block, kv_block):
+  """Block index of the ``[Bb, Nb, T, S]`` bias: a broadcast axis (size 1) stays at 0."""
+  return (b if cfg.bias_per_batch else 0, n if cfg.bias_per_head else 0, q_block, kv_block)
+
+
+def _extras(cfg: _Config, specs, ids, sinks, slopes, bias, transposed: bool):
+  """The optional inputs (segment ids, sinks, slopes, bias) and their specs, in kernel
+  order.
 
   Query ids are a column ``[B, T, 1]`` and key ids a row ``[B, 1, S]`` (swapped for the
-  transposed dk/dv tile), so their comparison broadcasts to the score tile.
+  transposed dk/dv tile), so their comparison broadcasts to the score tile. The bias is
+  always read as ``[bq, bk]`` tiles of the padded ``[Bb, Nb, q_pad, kv_pad]`` array.
   """
   specs_out, args = [], []
   if cfg.has_segments:
@@ -429,22 +458,25 @@ def _extras(cfg: _Config, specs, ids, sinks, slopes, transposed: bool):
     if x is not None:
       specs_out.append(pl.BlockSpec(memory_space=pltpu.SMEM))
       args.append(x.astype(jnp.float32))
+  if cfg.has_bias:
+    specs_out.append(specs["bias"])
+    args.append(bias)
   return specs_out, args
 
 
-def _params():
-  return pltpu.CompilerParams(
-      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+def _params(rows_parallel: bool = True):
+  return pltpu.CompilerParams(dimension_semantics=(
+      "parallel", "parallel", "parallel" if rows_parallel else "arbitrary", "arbitrary"))
 
 
-def _forward(cfg: _Config, q, k, v, sinks, slopes, ids, q_lens, kv_lens):
+def _forward(cfg: _Config, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens):
   """Kernel-layout ``q, k, v`` -> ``o`` (same layout) and ``lse [B, N, q_pad]`` (float32,
   +inf on rows that saw nothing)."""
   bq, bk = cfg.fwd
   batch = q.shape[0]
   lists = _block_lists(cfg, bq, bk, q_lens, kv_lens, ids, transpose=False)
   specs = _row_major_specs(cfg, bq, bk)
-  extra_specs, extra_args = _extras(cfg, specs, ids, sinks, slopes, transposed=False)
+  extra_specs, extra_args = _extras(cfg, specs, ids, sinks, slopes, bias, transposed=False)
   o, lse = pl.pallas_call(
       lambda *refs: _forward_kernel(cfg, *refs),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -472,15 +504,37 @@ def _forward(cfg: _Config, q, k, v, sinks, slopes, ids, q_lens, kv_lens):
 # ---------------------------------------------------------------------------- dq pass
 
 
+def _row_major_dl(cfg: _Config, ins, n, i, kv_block, masked, q_len, kv_len):
+  """``dl = p (dp - D)`` of one ``[bq, bk]`` tile of the dq / dbias grids, with the tanh of
+  the cap and ``|i - j|`` (or None) for the chain rule. ``dl`` is the gradient of the
+  logits after the cap, so also that of the bias; it is exactly 0 wherever ``p`` is."""
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg, slopes_ref, bias_ref = ins
+  bq, bk = cfg.dq
+  q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+  q_idx, kv_idx = i * bq + _rows(bq), kv_block * bk + _cols(bk)
+  seg_eq = None if seg is None else seg[0][...] == seg[1][...]
+  slope = None if slopes_ref is None else slopes_ref[n]
+  bias = None if bias_ref is None else bias_ref[...].astype(jnp.float32)
+  s, tanh, dist = _tile(cfg, _dot(q, k, 1), q_idx, kv_idx, masked, q_len, kv_len,
+                        seg_eq, slope, bias)
+  # lse and D arrive as (1, bq) lane rows (the dk/dv pass's layout); make them columns.
+  # exp(-inf - lse) = 0 for masked pairs, and lse = +inf on rows that saw nothing.
+  lse, delta = lse_ref[0][:, None], delta_ref[0][:, None]
+  p = jnp.exp(s - lse)
+  return p * (_dot(do, v, 1) - delta), tanh, dist
+
+
 def _dq_kernel(cfg: _Config, blocks_ref, counts_ref, codes_ref, rows_ref, q_lens_ref,
                kv_lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
   del rows_ref  # read by the index maps only
   bq, bk = cfg.dq
-  (seg, slopes_ref), refs = _unpack(refs, (2 * cfg.has_segments, int(cfg.has_alibi)))
+  (seg, slopes_ref, bias_ref), refs = _unpack(
+      refs, (2 * cfg.has_segments, int(cfg.has_alibi), int(cfg.has_bias)))
   if cfg.has_alibi:
     dq_ref, dslope_ref, acc_ref, dslope_acc_ref = refs
   else:
     (dq_ref, acc_ref), dslope_ref, dslope_acc_ref = refs, None, None
+  ins = (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg, slopes_ref, bias_ref)
   b, n, i, j = (pl.program_id(a) for a in range(4))
 
   @pl.when(j == 0)
@@ -493,21 +547,13 @@ def _dq_kernel(cfg: _Config, blocks_ref, counts_ref, codes_ref, rows_ref, q_lens
   q_len, kv_len = q_lens_ref[b], kv_lens_ref[b]
 
   def step(masked):
-    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    q_idx, kv_idx = i * bq + _rows(bq), kv_block * bk + _cols(bk)
-    seg_eq = None if seg is None else seg[0][...] == seg[1][...]
-    slope = None if slopes_ref is None else slopes_ref[n]
-    s, tanh, dist = _tile(cfg, _dot(q, k, 1), q_idx, kv_idx, masked, q_len, kv_len,
-                          seg_eq, slope)
-    # lse and D arrive as (1, bq) lane rows (the dk/dv pass's layout); make them columns.
-    lse, delta = lse_ref[0][:, None], delta_ref[0][:, None]
-    p = jnp.exp(s - lse)
-    dl = p * (_dot(do, v, 1) - delta)
+    dl, tanh, dist = _row_major_dl(cfg, ins, n, i, kv_block, masked, q_len, kv_len)
     if cfg.has_alibi:
       # d slope_n = sum dl * d(bias)/d(slope) = -sum dl |i - j|, one (1, 1) total per step.
       dslope_acc_ref[...] += jnp.broadcast_to(-(dl * dist).sum(keepdims=True),
                                               dslope_acc_ref.shape)
     ds = dl if tanh is None else dl * (1.0 - tanh * tanh)
+    k = k_ref[...]
     acc_ref[...] += _dot(ds.astype(k.dtype), k, 0)
 
   crosses = ((i + 1) * bq > q_len) | ((kv_block + 1) * bk > kv_len)
@@ -520,14 +566,59 @@ def _dq_kernel(cfg: _Config, blocks_ref, counts_ref, codes_ref, rows_ref, q_lens
       dslope_ref[...] = dslope_acc_ref[...]
 
 
-def _dq_pass(cfg: _Config, q, k, v, do, lse_rows, delta_rows, slopes, ids, q_lens, kv_lens):
+def _dbias_kernel(cfg: _Config, blocks_ref, counts_ref, codes_ref, rows_ref, q_lens_ref,
+                  kv_lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+  """The dq grid writing each live tile's ``dl`` instead of accumulating ``dq``.
+
+  A skipped step keeps the output block of the step before it (the index maps repeat
+  it) and leaves the tile as computed; blocks no live step computes are zeroed outside.
+  """
+  del rows_ref  # read by the index maps only
+  bq, bk = cfg.dq
+  (seg, slopes_ref, bias_ref), (dl_ref,) = _unpack(
+      refs, (2 * cfg.has_segments, int(cfg.has_alibi), int(cfg.has_bias)))
+  ins = (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg, slopes_ref, bias_ref)
+  b, n, i, j = (pl.program_id(a) for a in range(4))
+  kv_block = blocks_ref[b, i, j]
+  q_len, kv_len = q_lens_ref[b], kv_lens_ref[b]
+
+  def step(masked):
+    dl_ref[...] = _row_major_dl(cfg, ins, n, i, kv_block, masked, q_len, kv_len)[0]
+
+  crosses = ((i + 1) * bq > q_len) | ((kv_block + 1) * bk > kv_len)
+  _run_step(j < counts_ref[b, i], (codes_ref[b, i, j] == PARTIAL) | crosses, step)
+
+
+def _row_major_backward(cfg: _Config, kernel, name, out_specs, out_shape, scratch, lists,
+                        q, k, v, do, lse_rows, delta_rows, slopes, bias, ids, q_lens,
+                        kv_lens, rows_parallel=True):
+  """One pallas_call of a row-major backward kernel (dq or dbias) on the dq blocks."""
+  bq, bk = cfg.dq
+  specs = _row_major_specs(cfg, bq, bk)
+  extra_specs, extra_args = _extras(cfg, specs, ids, None, slopes, bias, transposed=False)
+  q_spec, kv_spec, row_spec = specs["q"], specs["kv"], specs["row"]
+  return pl.pallas_call(
+      lambda *refs: kernel(cfg, *refs),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=6,
+          grid=(q.shape[0], cfg.num_heads, cfg.q_pad // bq, lists.width),
+          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + extra_specs,
+          out_specs=out_specs,
+          scratch_shapes=scratch),
+      out_shape=out_shape,
+      compiler_params=_params(rows_parallel),
+      interpret=cfg.interpret,
+      name=name,
+  )(*lists.prefetch(q_lens, kv_lens), q, k, v, do, lse_rows, delta_rows, *extra_args)
+
+
+def _dq_pass(cfg: _Config, q, k, v, do, lse_rows, delta_rows, slopes, bias, ids, q_lens,
+             kv_lens):
   """Kernel-layout ``dq`` and the ALiBi slope gradient ``[N]`` (or None)."""
   bq, bk = cfg.dq
   batch, nq = q.shape[0], cfg.q_pad // bq
   lists = _block_lists(cfg, bq, bk, q_lens, kv_lens, ids, transpose=False)
-  specs = _row_major_specs(cfg, bq, bk)
-  extra_specs, extra_args = _extras(cfg, specs, ids, None, slopes, transposed=False)
-  out_specs = [specs["q_out"]]
+  out_specs = [_row_major_specs(cfg, bq, bk)["q_out"]]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   scratch = [pltpu.VMEM((bq, cfg.head_dim), jnp.float32)]
   if cfg.has_alibi:
@@ -537,22 +628,43 @@ def _dq_pass(cfg: _Config, q, k, v, do, lse_rows, delta_rows, slopes, ids, q_len
                                   lambda b, n, i, j, *_: (b, n, i, 0, 0)))
     out_shape.append(jax.ShapeDtypeStruct((batch, cfg.num_heads, nq) + tile, jnp.float32))
     scratch.append(pltpu.VMEM(tile, jnp.float32))
-  q_spec, kv_spec, row_spec = specs["q"], specs["kv"], specs["row"]
-  outs = pl.pallas_call(
-      lambda *refs: _dq_kernel(cfg, *refs),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=6,
-          grid=(batch, cfg.num_heads, nq, lists.width),
-          in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + extra_specs,
-          out_specs=out_specs,
-          scratch_shapes=scratch),
-      out_shape=out_shape,
-      compiler_params=_params(),
-      interpret=cfg.interpret,
-      name="flash_attention_dq",
-  )(*lists.prefetch(q_lens, kv_lens), q, k, v, do, lse_rows, delta_rows, *extra_args)
+  outs = _row_major_backward(cfg, _dq_kernel, "flash_attention_dq", out_specs, out_shape,
+                             scratch, lists, q, k, v, do, lse_rows, delta_rows, slopes, bias,
+                             ids, q_lens, kv_lens)
   dslopes = outs[1][..., 0, 0].sum((0, 2)) if cfg.has_alibi else None
   return outs[0], dslopes
+
+
+def _dbias_pass(cfg: _Config, q, k, v, do, lse_rows, delta_rows, slopes, bias, ids, q_lens,
+                kv_lens):
+  """The bias cotangent: ``dl`` summed to the padded bias shape ``[Bb, Nb, q_pad, kv_pad]``.
+
+  Its own pallas_call, so that XLA drops it when the bias gradient is not used. It writes
+  ``dl`` per (batch, query head) in float32; the broadcast axes are summed here.
+  """
+  bq, bk = cfg.dq
+  batch, nq, nk = q.shape[0], cfg.q_pad // bq, cfg.kv_pad // bk
+  lists = _block_lists(cfg, bq, bk, q_lens, kv_lens, ids, transpose=False)
+  full = (batch, cfg.num_heads, cfg.q_pad, cfg.kv_pad)
+  # Same walk as the inputs: a skipped step maps to the output block of the last live step
+  # (of an earlier row, for a row with none), so it writes nothing back. That holds only if
+  # the rows of one (batch, head) run in order on one core: the row axis is "arbitrary"
+  # here (a core that started at a dead row would write its stale buffer over a block of
+  # another core's row).
+  out_spec = pl.BlockSpec((None, None, bq, bk), lambda b, n, i, j, blk, cnt, cod, rows, *_:
+                          (b, n, rows[b, i], blk[b, i, j]))
+  dl = _row_major_backward(cfg, _dbias_kernel, "flash_attention_dbias", [out_spec],
+                           [jax.ShapeDtypeStruct(full, jnp.float32)], [], lists, q, k, v, do,
+                           lse_rows, delta_rows, slopes, bias, ids, q_lens, kv_lens,
+                           rows_parallel=False)[0]
+  # Blocks that no live step wrote (skipped, or a batch with nothing live) hold whatever
+  # the buffer held; every pair in them is excluded, so their gradient is 0.
+  dl = dl.reshape(batch, cfg.num_heads, nq, bq, nk, bk)
+  dl = jnp.where(lists.live[:, None, :, None, :, None], dl, 0.0).reshape(full)
+  axes = tuple(a for a, keep in ((0, cfg.bias_per_batch), (1, cfg.bias_per_head)) if not keep)
+  if axes:
+    dl = dl.sum(axes, keepdims=True)
+  return dl.astype(bias.dtype)
 
 
 # ------------------------------------------------------------------------- dk/dv pass
@@ -562,7 +674,8 @@ def _dkv_kernel(cfg: _Config, width: int, blocks_ref, counts_ref, codes_ref, row
                 q_lens_ref, kv_lens_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
   del rows_ref  # read by the index maps only
   bq, bk = cfg.dkv
-  (seg, slopes_ref), refs = _unpack(refs, (2 * cfg.has_segments, int(cfg.has_alibi)))
+  (seg, slopes_ref, bias_ref), refs = _unpack(
+      refs, (2 * cfg.has_segments, int(cfg.has_alibi), int(cfg.has_bias)))
   dk_ref, dv_ref, dk_acc_ref, dv_acc_ref = refs
   b, kh, j, step_id = (pl.program_id(a) for a in range(4))
   g, t = lax.div(step_id, width), lax.rem(step_id, width)
@@ -582,8 +695,11 @@ def _dkv_kernel(cfg: _Config, width: int, blocks_ref, counts_ref, codes_ref, row
     q_idx, kv_idx = q_block * bq + _cols(bq), j * bk + _rows(bk)
     seg_eq = None if seg is None else seg[1][...] == seg[0][...]
     slope = None if slopes_ref is None else slopes_ref[n]
+    # The bias tile is read [bq, bk] like the other passes' and transposed here (in VMEM)
+    # rather than keeping a transposed copy of the whole bias in HBM.
+    bias = None if bias_ref is None else bias_ref[...].astype(jnp.float32).T
     s, tanh, _ = _tile(cfg, _dot(k, q, 1), q_idx, kv_idx, masked, q_len, kv_len,
-                       seg_eq, slope)
+                       seg_eq, slope, bias)
     p = jnp.exp(s - lse_ref[...])
     dv_acc_ref[...] += _dot(p.astype(do.dtype), do, 0)
     dl = p * (_dot(v, do, 1) - delta_ref[...])
@@ -599,7 +715,8 @@ def _dkv_kernel(cfg: _Config, width: int, blocks_ref, counts_ref, codes_ref, row
     dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
-def _dkv_pass(cfg: _Config, q, k, v, do, lse_rows, delta_rows, slopes, ids, q_lens, kv_lens):
+def _dkv_pass(cfg: _Config, q, k, v, do, lse_rows, delta_rows, slopes, bias, ids, q_lens,
+              kv_lens):
   """Kernel-layout ``dk, dv``."""
   bq, bk = cfg.dkv
   batch, g = q.shape[0], cfg.groups
@@ -620,6 +737,9 @@ def _dkv_pass(cfg: _Config, q, k, v, do, lse_rows, delta_rows, slopes, ids, q_le
                             (b, 0, listed(b, j, s, blk))),
       "kv_ids": pl.BlockSpec((None, bk, 1), lambda b, kh, j, s, blk, cnt, cod, rows, *_:
                              (b, rows[b, j], 0)),
+      "bias": pl.BlockSpec((None, None, bq, bk), lambda b, kh, j, s, blk, cnt, cod, rows, *_:
+                           _bias_index(cfg, b, head(kh, s), listed(b, j, s, blk),
+                                       rows[b, j])),
   }
   q_spec = _seq_spec(cfg, bq, lambda b, kh, j, s, blk, *_:
                      (b, listed(b, j, s, blk), head(kh, s)))
@@ -628,7 +748,7 @@ def _dkv_pass(cfg: _Config, q, k, v, do, lse_rows, delta_rows, slopes, ids, q_le
   kv_out_spec = _seq_spec(cfg, bk, lambda b, kh, j, *_: (b, j, kh))
   row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, kh, j, s, blk, *_:
                           (b, head(kh, s), 0, listed(b, j, s, blk)))
-  extra_specs, extra_args = _extras(cfg, specs, ids, None, slopes, transposed=True)
+  extra_specs, extra_args = _extras(cfg, specs, ids, None, slopes, bias, transposed=True)
   return pl.pallas_call(
       lambda *refs: _dkv_kernel(cfg, width, *refs),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -658,24 +778,26 @@ def _row_sums(cfg: _Config, a, b):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, sinks, slopes, ids, q_lens, kv_lens):
+def _attention(cfg, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens):
   """Attention on kernel-layout, padded arrays (the layout change is differentiated by JAX)."""
-  return _forward(cfg, q, k, v, sinks, slopes, ids, q_lens, kv_lens)[0]
+  return _forward(cfg, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens)[0]
 
 
-def _attention_fwd(cfg, q, k, v, sinks, slopes, ids, q_lens, kv_lens):
-  o, lse = _forward(cfg, q, k, v, sinks, slopes, ids, q_lens, kv_lens)
-  return o, (q, k, v, sinks, slopes, ids, q_lens, kv_lens, o, lse)
+def _attention_fwd(cfg, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens):
+  o, lse = _forward(cfg, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens)
+  return o, (q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens, o, lse)
 
 
 def _attention_bwd(cfg, res, do):
-  q, k, v, sinks, slopes, ids, q_lens, kv_lens, o, lse = res
+  q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens, o, lse = res
   # D = rowsum(dO * o) (FlashAttention-2 Alg. 2); padded and dead rows have o = 0, D = 0.
   delta = _row_sums(cfg, do, o)
   lse_rows, delta_rows = lse[:, :, None, :], delta[:, :, None, :]
-  dq, dslopes = _dq_pass(cfg, q, k, v, do, lse_rows, delta_rows, slopes, ids, q_lens,
-                         kv_lens)
-  dk, dv = _dkv_pass(cfg, q, k, v, do, lse_rows, delta_rows, slopes, ids, q_lens, kv_lens)
+  grad_args = (cfg, q, k, v, do, lse_rows, delta_rows, slopes, bias, ids, q_lens, kv_lens)
+  dq, dslopes = _dq_pass(*grad_args)
+  dk, dv = _dkv_pass(*grad_args)
+  # A separate kernel, dead code (and dropped by XLA) when the bias gradient is unused.
+  dbias = _dbias_pass(*grad_args) if cfg.has_bias else None
   dsinks = None
   if sinks is not None:
     # d sink_n = -sum_rows p_sink D with p_sink = exp(sink_n - lse) (finite: l >= 1).
@@ -683,7 +805,7 @@ def _attention_bwd(cfg, res, do):
     dsinks = -(p_sink * delta).sum((0, 2)).astype(sinks.dtype)
   if dslopes is not None:
     dslopes = dslopes.astype(slopes.dtype)
-  return dq, dk, dv, dsinks, dslopes, None, None, None
+  return dq, dk, dv, dsinks, dslopes, dbias, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -720,11 +842,22 @@ def _check_mask(mask, q_len, kv_len):
                      "(q_idx, kv_idx)")
 
 
+def _check_bias(bias, batch, num_heads, q_len, kv_len):
+  shape, dtype = tuple(np.shape(bias)), jnp.asarray(bias).dtype
+  if (len(shape) != 4 or shape[0] not in (1, batch) or shape[1] not in (1, num_heads)
+      or shape[2:] != (q_len, kv_len)):
+    raise ValueError(f"bias must be [Bb, Nb, T, S] with Bb in (1, {batch}), Nb in "
+                     f"(1, {num_heads}), T, S = {q_len}, {kv_len}; got shape {shape}")
+  if dtype not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f"bias must be float32 or bfloat16, got dtype {dtype}")
+
+
 def flash_attention(q, k, v, *, scale: float, soft_cap: float | None = None, sinks=None,
                     mask=None, q_segment_ids=None, kv_segment_ids=None, q_lengths=None,
-                    kv_lengths=None, alibi_slopes=None, block_sizes: BlockSizes | None = None,
-                    interpret=False):
-  """Softmax attention as Mosaic TPU kernels, differentiable in q, k, v, sinks and slopes.
+                    kv_lengths=None, alibi_slopes=None, bias=None,
+                    block_sizes: BlockSizes | None = None, interpret=False):
+  """Softmax attention as Mosaic TPU kernels, differentiable in q, k, v, sinks, slopes and
+  bias.
 
   Args:
     q: ``[B, T, N, H]``; k, v: ``[B, S, K, H]`` with ``N % K == 0`` (GQA / MQA: query head
@@ -739,12 +872,18 @@ def flash_attention(q, k, v, *, scale: float, soft_cap: float | None = None, sin
     q_lengths, kv_lengths: ``[B]`` int; query ``i`` / key ``j`` of batch ``b`` are real when
       ``i < q_lengths[b]`` / ``j < kv_lengths[b]``.
     alibi_slopes: ``[N]`` float; adds ``-slopes[n] * |i - j|`` to the logits.
+    bias: ``[Bb, Nb, T, S]`` float32 or bfloat16 with ``Bb`` in ``{1, B}`` and ``Nb`` in
+      ``{1, N}`` (indexed by the query head, also under GQA), added to the logits after
+      the soft cap: ``c tanh(scale q k^T / c) + bias - slope |i - j|``. Entries may be
+      -inf (excluded pairs, whole rows included). Read in its dtype, added in float32;
+      its gradient (summed over a broadcast axis) comes in its dtype.
     block_sizes: ``BlockSizes``; defaults to ``BlockSizes()``.
     interpret: False on TPU; ``pltpu.InterpretParams()`` runs the kernels on CPU.
 
   Returns:
-    ``o [B, T, N, H]`` in q's dtype. Rows that see no key are exact zeros (so are their
-    gradients).
+    ``o [B, T, N, H]`` in q's dtype. Rows that see no key (all masked, or all -inf
+    bias) are exact zeros, and so are their gradients; excluded pairs get an exact zero
+    bias gradient.
   """
   for name, x in (("q", q), ("k", k), ("v", v)):
     if np.ndim(x) != 4:
@@ -785,6 +924,8 @@ def flash_attention(q, k, v, *, scale: float, soft_cap: float | None = None, sin
     if lengths is not None:
       _check_vector(name, lengths, batch, "int")
   _check_mask(mask, q_len, kv_len)
+  if bias is not None:
+    _check_bias(bias, batch, num_heads, q_len, kv_len)
   blocks = BlockSizes() if block_sizes is None else block_sizes
   if not isinstance(blocks, BlockSizes):
     raise ValueError(f"block_sizes must be a BlockSizes, got {type(blocks).__name__}")
@@ -801,7 +942,10 @@ def flash_attention(q, k, v, *, scale: float, soft_cap: float | None = None, sin
       q_len=q_len, kv_len=kv_len, q_pad=q_pad, kv_pad=kv_pad, num_heads=num_heads,
       num_kv=num_kv, head_dim=head_dim, fwd=(fq, fk), dq=(dq_q, dq_k), dkv=(dkv_q, dkv_k),
       heads_in_lanes=head_dim % _LANES == 0, has_segments=q_segment_ids is not None,
-      has_sinks=sinks is not None, has_alibi=alibi_slopes is not None, interpret=interpret)
+      has_sinks=sinks is not None, has_alibi=alibi_slopes is not None, interpret=interpret,
+      has_bias=bias is not None,
+      bias_per_batch=bias is not None and np.shape(bias)[0] == batch > 1,
+      bias_per_head=bias is not None and np.shape(bias)[1] == num_heads > 1)
 
   def clip_lengths(lengths, full):
     if lengths is None:
@@ -815,9 +959,14 @@ def flash_attention(q, k, v, *, scale: float, soft_cap: float | None = None, sin
                    mode="edge"),
            jnp.pad(jnp.asarray(kv_segment_ids, jnp.int32), ((0, 0), (0, kv_pad - kv_len)),
                    mode="edge"))
+  if bias is not None:
+    # Padded pairs are masked by the bounds; the zeros only keep the tiles finite.
+    bias = jnp.asarray(bias)
+    if (q_pad, kv_pad) != (q_len, kv_len):
+      bias = jnp.pad(bias, ((0, 0), (0, 0), (0, q_pad - q_len), (0, kv_pad - kv_len)))
   lanes = cfg.heads_in_lanes
   o = _attention(cfg, _view(q, q_pad, lanes), _view(k, kv_pad, lanes),
                  _view(v, kv_pad, lanes), None if sinks is None else jnp.asarray(sinks),
-                 None if alibi_slopes is None else jnp.asarray(alibi_slopes), ids,
+                 None if alibi_slopes is None else jnp.asarray(alibi_slopes), bias, ids,
                  clip_lengths(q_lengths, q_len), clip_lengths(kv_lengths, kv_len))
   return _unview(o, q_len, num_heads, lanes)

@@ -2,18 +2,22 @@
 
 Each case runs the forward and the backward under ``jit`` with small blocks, so odd
 lengths span several blocks with ragged last blocks, and compares ``o``, ``dq``, ``dk``,
-``dv``, ``dsinks`` and ``dslopes`` with the float64 oracle ``tests/oracle_softmax.py`` as
-the relative error ``||x - ref|| / ||ref||`` (bfloat16 against the oracle run on the
-bf16-rounded inputs). Interpret mode costs seconds per case, so each case combines
-several features. Block skipping is checked twice: NaN-poisoned blocks that only a
-skipped step could read, and the schedule the index maps read (a skipped step must keep
-the previous step's block, so it issues no DMA). The kernels are also lowered to Mosaic
-for TPU on CPU, which checks the block shapes and primitives against Mosaic's rules.
+``dv``, ``dsinks``, ``dslopes`` and ``dbias`` with the float64 oracle
+``tests/oracle_softmax.py`` as the relative error ``||x - ref|| / ||ref||`` (bfloat16
+against the oracle run on the bf16-rounded inputs). Bias arrays carry -inf columns, a
+fully -inf row and scattered -inf entries: nothing may be NaN, and every excluded pair
+gets exactly zero output and gradients, including in blocks the schedule skips.
+Interpret mode costs seconds per case, so each case combines several features. Block
+skipping is checked twice: NaN-poisoned blocks that only a skipped step could read, and
+the schedule the index maps read (a skipped step must keep the previous step's block, so
+it issues no DMA). The kernels are also lowered to Mosaic for TPU on CPU, which checks the
+block shapes and primitives against Mosaic's rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -49,7 +53,10 @@ class Case:
   ``segments``: None, ``"packed"`` (the same packed documents on both sides) or
   ``"unmatched"`` (sorted ids where some query ids occur in no key: fully masked rows).
   ``lengths``: batch 0 without keys, batch 1 with random lengths (needs ``batch == 2``).
-  ``poison``: NaN in every q / k / v block that no computed step may read.
+  ``bias``: None or the bias layout, ``"BNTS"``, ``"B1TS"`` or ``"1N1S"`` (broadcast along
+  the queries, then materialised to ``[1, N, T, S]`` as the ops layer passes it); in the
+  case's dtype, with -inf entries (see ``_bias``).
+  ``poison``: NaN in every q / k / v (and bias) block that no computed step may read.
   """
 
   name: str
@@ -66,6 +73,7 @@ class Case:
   alibi: bool = False
   segments: str | None = None
   lengths: bool = False
+  bias: str | None = None
   poison: bool = False
   blocks: fa.BlockSizes = fa.BlockSizes(16, 16, 16, 16, 16, 16)
 
@@ -75,6 +83,20 @@ class Case:
 
 def _sorted_ids(rng, batch, length, num_ids):
   return np.sort(rng.integers(0, num_ids, (batch, length)), axis=1).astype(np.int32)
+
+
+def _bias(case: Case, rng) -> np.ndarray:
+  """A ``[Bb, Nb, T, S]`` bias with -inf on one key column (of every batch and head), on one
+  whole query row of batch 0 and on ~5% of the entries."""
+  b, t, s, n = case.batch, case.q_len, case.kv_len, case.num_heads
+  shape = {"BNTS": (b, n, t, s), "B1TS": (b, 1, t, s), "1N1S": (1, n, 1, s)}[case.bias]
+  bias = rng.standard_normal(shape)
+  if case.bias == "1N1S":
+    bias = np.broadcast_to(bias, (1, n, t, s)).copy()
+  bias[..., rng.integers(s)] = -np.inf
+  bias[0, :, rng.integers(t)] = -np.inf
+  bias[rng.random(bias.shape) < 0.05] = -np.inf
+  return bias
 
 
 def _inputs(case: Case, rng):
@@ -90,6 +112,8 @@ def _inputs(case: Case, rng):
     diff["sinks"] = normal((n,), jnp.float32)
   if case.alibi:
     diff["alibi_slopes"] = jnp.asarray(rng.uniform(0.05, 0.5, n), jnp.float32)
+  if case.bias:
+    diff["bias"] = jnp.asarray(_bias(case, rng), case.dtype)
   allowed = np.ones((b, n, t, s), bool)
   data = {}
   if case.mask is not None:
@@ -110,20 +134,26 @@ def _inputs(case: Case, rng):
     kv_lens = np.asarray([0, rng.integers(s // 3, s + 1)], np.int32)
     data["q_lengths"], data["kv_lengths"] = jnp.asarray(q_lens), jnp.asarray(kv_lens)
     allowed &= oracle.padding(t, s, q_lens, kv_lens)
+  bias = np.zeros((1, 1, 1, 1))
+  if case.alibi:
+    bias = bias + oracle.alibi_bias(to_f64(diff["alibi_slopes"]), t, s)
+  if case.bias:
+    bias = bias + to_f64(diff["bias"])
   oracle_in = {
       "query": to_f64(diff["q"]), "key": to_f64(diff["k"]), "value": to_f64(diff["v"]),
       "allowed": allowed, "logits_soft_cap": case.soft_cap,
-      "sinks": to_f64(diff["sinks"]) if case.sinks else None,
-      "bias": (oracle.alibi_bias(to_f64(diff["alibi_slopes"]), t, s) if case.alibi
-               else None),
+      "sinks": to_f64(diff["sinks"]) if case.sinks else None, "bias": bias,
   }
+  # Pairs the oracle weighs by exp(-inf) = 0 are excluded too.
+  allowed = allowed & np.isfinite(np.broadcast_to(bias, allowed.shape))
   return diff, data, allowed, oracle_in, normal((b, t, n, h))
 
 
 def _poison(case: Case, diff, data):
   """NaN into the q rows and k/v rows of blocks that no computed step may touch: query
   blocks past ``q_lengths`` and key blocks past ``kv_lengths`` or EMPTY for every query
-  (the case uses one block size in all three kernels)."""
+  (the case uses one block size in all three kernels); with a per-batch bias, NaN into its
+  tiles of EMPTY blocks and past the lengths."""
   bq, bk = case.blocks.block_q, case.blocks.block_k
   summary = case.mask[0].block_summary(case.q_len, case.kv_len, bq, bk)
   q, k, v = (np.array(diff[name].astype(jnp.float32)) for name in ("q", "k", "v"))
@@ -137,8 +167,18 @@ def _poison(case: Case, diff, data):
     k[b, kv_start:] = v[b, kv_start:] = np.nan
     q[b, fa._round_up(int(data["q_lengths"][b]), bq):] = np.nan
   assert poisoned_keys and np.isnan(q).any()
-  return {**diff, **{name: jnp.asarray(x, case.dtype)
-                     for name, x in (("q", q), ("k", k), ("v", v))}}
+  poisoned = {"q": q, "k": k, "v": v}
+  if case.bias:
+    assert case.bias in ("BNTS", "B1TS")
+    bias = np.array(diff["bias"].astype(jnp.float32))
+    dead = np.kron(summary == masks.EMPTY, np.ones((bq, bk), bool))[:case.q_len, :case.kv_len]
+    bias[:, :, dead] = np.nan
+    for b in range(case.batch):
+      bias[b, :, fa._round_up(int(data["q_lengths"][b]), bq):] = np.nan
+      bias[b, :, :, fa._round_up(int(data["kv_lengths"][b]), bk):] = np.nan
+    assert np.isnan(bias[:, :, dead]).all() and dead.any()
+    poisoned["bias"] = bias
+  return {**diff, **{name: jnp.asarray(x, case.dtype) for name, x in poisoned.items()}}
 
 
 def _run(case: Case, diff, data, dout):
@@ -149,7 +189,7 @@ def _run(case: Case, diff, data, dout):
       return fa.flash_attention(
           diff["q"], diff["k"], diff["v"], scale=scale, soft_cap=case.soft_cap,
           sinks=diff.get("sinks"), alibi_slopes=diff.get("alibi_slopes"),
-          block_sizes=case.blocks, interpret=INTERPRET, **data)
+          bias=diff.get("bias"), block_sizes=case.blocks, interpret=INTERPRET, **data)
     o, vjp = jax.vjp(attend, diff)
     return o, vjp(dout)[0]
 
@@ -168,14 +208,26 @@ CASES = [
     Case("bf16_mqa_window_segments_lengths", jnp.bfloat16, 65, 63, 4, 1, 16,
          mask=(masks.LocalWindow(9, 4), lambda t, s: O.local_window(t, s, 9, 4)),
          segments="unmatched", lengths=True, blocks=fa.BlockSizes(*[32] * 6)),
-    # f32, H = 128 (the lane layout, no transpose), MQA, block-sparse chunked mask, poison.
-    Case("f32_h128_chunked_sparse_poisoned", jnp.float32, 48, 80, 2, 1, 128,
+    # f32, H = 128 (the lane layout, no transpose), MQA, block-sparse chunked mask, a
+    # per-batch bias shared by the heads, poison.
+    Case("f32_h128_chunked_sparse_bias_B1TS_poisoned", jnp.float32, 48, 80, 2, 1, 128,
          mask=(masks.ChunkedCausal(16), lambda t, s: O.chunked_causal(t, s, 16)),
-         lengths=True, poison=True),
+         lengths=True, bias="B1TS", poison=True),
     # bf16, GQA, no mask, packed documents, soft cap, sinks, ALiBi.
     Case("bf16_gqa_documents_cap_sinks_alibi", jnp.bfloat16, 47, 47, 4, 2, 8,
          segments="packed", soft_cap=5.0, sinks=True, alibi=True,
          blocks=fa.BlockSizes(*[32] * 6)),
+    # f32, full bias, GQA, causal with S > T (keys no query sees), soft cap, sinks, segment
+    # ids with unmatched rows; blocks that divide neither length.
+    Case("f32_bias_BNTS_gqa_causal_cap_sinks_segments", jnp.float32, 37, 45, 4, 2, 8,
+         mask=(masks.Causal(), O.causal), soft_cap=3.0, sinks=True, segments="unmatched",
+         bias="BNTS", blocks=fa.BlockSizes(16, 24, 24, 16, 16, 24)),
+    # bf16 bias broadcast over batch and queries, GQA, window, sinks, ALiBi, lengths (a
+    # batch with no key at all: its dbias blocks are never computed).
+    Case("bf16_bias_1N1S_gqa_window_sinks_alibi_lengths", jnp.bfloat16, 45, 37, 4, 2, 16,
+         mask=(masks.LocalWindow(12, 3), lambda t, s: O.local_window(t, s, 12, 3)),
+         sinks=True, alibi=True, lengths=True, bias="1N1S",
+         blocks=fa.BlockSizes(24, 16, 16, 24, 24, 16)),
 ]
 
 
@@ -191,6 +243,10 @@ def test_matches_oracle(case, rng):
     expected["sinks"] = ref.dsinks
   if case.alibi:
     expected["alibi_slopes"] = oracle.alibi_slopes_grad(ref.dlogits)
+  if case.bias:
+    expected["bias"] = oracle.reduce_to_shape(ref.dlogits, diff["bias"].shape)
+  for name, x in {"out": out, **grads}.items():
+    assert np.isfinite(np.asarray(x, np.float32)).all(), name
   errors = {"out": rel_err(out, ref.out)}
   errors.update({f"d{name}": rel_err(grads[name], want) for name, want in expected.items()})
   bounds = {name: tol["out" if name == "out" else "grad"] for name in errors}
@@ -208,6 +264,14 @@ def test_matches_oracle(case, rng):
   assert not np.asarray(grads["q"])[dead_rows].any()
   for name in ("k", "v"):
     assert not np.asarray(grads[name])[dead_keys].any()
+  if case.bias:
+    # A bias entry all of whose pairs are excluded (mask, ids, lengths, -inf, or a block
+    # the schedule skips) gets exactly zero gradient.
+    shape = diff["bias"].shape
+    summed = tuple(a for a in (0, 1) if shape[a] == 1)
+    excluded = (~allowed).all(summed, keepdims=True)
+    assert excluded.any() and not excluded.all()
+    assert not np.asarray(grads["bias"])[excluded].any()
 
 
 # --------------------------------------------------------------------- block schedule
@@ -276,29 +340,35 @@ def test_schedule_computes_live_blocks_and_reloads_nothing(transpose, rng):
 # ------------------------------------------------------------------ Mosaic lowering
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_lowers_to_mosaic_tpu(head_dim):
-  """Forward and backward with every option lower to three Mosaic TPU custom calls (the
-  [B, T, N*H] lane view at H = 128, the internal transpose at H = 64)."""
+@pytest.mark.parametrize("head_dim, bias_shape, bias_dtype", [
+    (64, (2, 1, 300, 260), jnp.float32), (128, (1, 4, 300, 260), jnp.bfloat16)])
+def test_lowers_to_mosaic_tpu(head_dim, bias_shape, bias_dtype):
+  """Forward and backward with every option lower to Mosaic TPU custom calls (the
+  [B, T, N*H] lane view at H = 128, the internal transpose at H = 64): three, and a
+  fourth for the bias gradient."""
   b, t, s, n, k = 2, 300, 260, 4, 2
   spec = jax.ShapeDtypeStruct
   args = (spec((b, t, n, head_dim), jnp.bfloat16), spec((b, s, k, head_dim), jnp.bfloat16),
           spec((b, s, k, head_dim), jnp.bfloat16), spec((n,), jnp.float32),
-          spec((n,), jnp.float32), spec((b, t), jnp.int32), spec((b, s), jnp.int32),
-          spec((b,), jnp.int32), spec((b,), jnp.int32))
+          spec((n,), jnp.float32), spec(bias_shape, bias_dtype), spec((b, t), jnp.int32),
+          spec((b, s), jnp.int32), spec((b,), jnp.int32), spec((b,), jnp.int32))
 
-  def forward_backward(q, k, v, sinks, slopes, q_ids, kv_ids, q_lens, kv_lens):
-    def attend(q, k, v, sinks, slopes):
+  def forward_backward(q, k, v, sinks, slopes, bias, q_ids, kv_ids, q_lens, kv_lens,
+                       with_bias):
+    def attend(q, k, v, sinks, slopes, bias):
       return fa.flash_attention(
           q, k, v, scale=0.1, soft_cap=20.0, sinks=sinks, alibi_slopes=slopes,
+          bias=bias if with_bias else None,
           mask=masks.Causal() & masks.LocalWindow(200, 0), q_segment_ids=q_ids,
           kv_segment_ids=kv_ids, q_lengths=q_lens, kv_lengths=kv_lens,
           block_sizes=fa.BlockSizes(128, 128, 128, 128, 128, 256))
-    o, vjp = jax.vjp(attend, q, k, v, sinks, slopes)
+    o, vjp = jax.vjp(attend, q, k, v, sinks, slopes, bias)
     return vjp(o)
 
-  lowered = jax.jit(forward_backward).trace(*args).lower(lowering_platforms=("tpu",))
-  assert lowered.as_text().count("tpu_custom_call") == 3
+  for with_bias, calls in ((False, 3), (True, 4)):
+    lowered = jax.jit(functools.partial(forward_backward, with_bias=with_bias)).trace(
+        *args).lower(lowering_platforms=("tpu",))
+    assert lowered.as_text().count("tpu_custom_call") == calls
 
 
 # ------------------------------------------------------------------------ bad input
@@ -316,6 +386,11 @@ def _qkv(t=20, s=20, n=4, k=2, h=8, dtype=jnp.float32):
     (lambda a: {"alibi_slopes": jnp.zeros(4, jnp.int32)}, "alibi_slopes must be float"),
     (lambda a: {"q_segment_ids": jnp.zeros((2, 20), jnp.int32)}, "given together"),
     (lambda a: {"kv_lengths": jnp.zeros((3,), jnp.int32)}, "kv_lengths must have shape"),
+    (lambda a: {"bias": jnp.zeros((2, 2, 20, 20))}, r"bias must be \[Bb, Nb, T, S\].*"
+     r"got shape \(2, 2, 20, 20\)"),
+    (lambda a: {"bias": jnp.zeros((1, 4, 20))}, r"bias must be .*got shape \(1, 4, 20\)"),
+    (lambda a: {"bias": jnp.zeros((1, 1, 20, 20), jnp.float16)},
+     "bias must be float32 or bfloat16, got dtype float16"),
     (lambda a: {"mask": masks.Documents(jnp.zeros((2, 20), jnp.int32),
                                         jnp.zeros((2, 20), jnp.int32))}, "must be static"),
     (lambda a: {"qkv": _qkv(t=300), "interpret": False,
