@@ -542,7 +542,8 @@ def _dq_kernel(static, refs, scratch):
       plgpu.barrier_arrive(k_free.at[slot])
       return dq, dslope
 
-    carry = (_zeros((bq, q_tile.shape[-1]), interpret), _full_rows(bq, 0.0, interpret))
+    carry = (_zeros((bq, q_tile.shape[-1]), interpret),
+             _full_rows(bq, 0.0, interpret) if static.has_alibi else None)
     carry = lax.fori_loop(0, n_partial, functools.partial(step, partial=True), carry)
     dq, dslope = lax.fori_loop(n_partial, count, functools.partial(step, partial=False), carry)
     if static.emit_ds:
