@@ -33,14 +33,22 @@ def _count(state):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
 
 
+@nnx.jit
+def _forward(model, tokens, segment_ids=None, positions=None):
+  """The model's logits, jitted (op-by-op dispatch of eight layers costs more than their
+  compile)."""
+  return model(tokens, segment_ids=segment_ids, positions=positions)
+
+
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
 def test_hybrid_prefill_then_decode_matches_forward(scan, rng):
   config = models.ModelConfig(**{**HYBRID, "num_layers": 8, "scan_layers": scan})
   model = models.DecoderLM(config, rngs=nnx.Rngs(0))
   tokens = _tokens(rng, (3, 21))
-  full = model(tokens)
+  full = _forward(model, tokens)
   lengths = jnp.array([5, 11, 1])
-  logits, cache = model.prefill(tokens[:, :11], lengths, max_len=21)
+  logits, cache = nnx.jit(lambda model, x, n: model.prefill(x, n, max_len=21))(
+      model, tokens[:, :11], lengths)
   for b, n in enumerate((5, 11, 1)):
     assert _rel(logits[b, :n], full[b, :n]) < MODEL_F32
   decode = nnx.jit(lambda model, *args: model.decode(*args))
@@ -69,8 +77,8 @@ def test_scan_and_remat_compute_the_unrolled_model(rng):
     return optax.softmax_cross_entropy_with_integer_labels(model(tokens)[:, :-1],
                                                            tokens[:, 1:]).mean()
 
-  l_u, g_u = nnx.value_and_grad(loss)(unrolled)
-  l_s, g_s = nnx.value_and_grad(loss)(scanned)
+  l_u, g_u = nnx.jit(nnx.value_and_grad(loss))(unrolled)
+  l_s, g_s = nnx.jit(nnx.value_and_grad(loss))(scanned)
   assert abs(float(l_u) - float(l_s)) < 1e-6 * abs(float(l_u))
   g_stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
                            *[g_u.stack.repeats[i] for i in range(config.num_repeats)])
@@ -143,7 +151,7 @@ def test_causal_through_gradients_of_the_model(rng):
     h = model.stack(x)
     return jnp.sum(model.embedder.logits(model.final_norm(h))[:, t] ** 2)
 
-  grad = jax.grad(out)(emb)
+  grad = jax.jit(jax.grad(out))(emb)
   assert np.all(np.asarray(grad[:, t + 1:]) == 0.0)
   assert np.abs(np.asarray(grad[:, :t + 1])).sum() > 0
 
@@ -153,9 +161,9 @@ def test_packed_documents_do_not_interact(rng):
   tokens = _tokens(rng, (1, 20))
   ids = jnp.asarray([[0] * 9 + [1] * 11], jnp.int32)
   positions = jnp.asarray([list(range(9)) + list(range(11))], jnp.int32)
-  packed = model(tokens, segment_ids=ids, positions=positions)
-  assert _rel(packed[:, :9], model(tokens[:, :9])) < 1e-5
-  assert _rel(packed[:, 9:], model(tokens[:, 9:])) < 1e-5
+  packed = _forward(model, tokens, segment_ids=ids, positions=positions)
+  assert _rel(packed[:, :9], _forward(model, tokens[:, :9])) < 1e-5
+  assert _rel(packed[:, 9:], _forward(model, tokens[:, 9:])) < 1e-5
 
 
 # GPT-3 (Brown et al. 2020, Table 2.1) reports 125M, 350M and 1.3B parameters for these
@@ -193,10 +201,11 @@ def test_encoder_classifies_padded_rows_like_unpadded(rng):
                                  "layers": {}, "num_layers": 2}, num_classes=3)
   encoder = models.Encoder(config, rngs=nnx.Rngs(0))
   tokens = _tokens(rng, (2, 16))
-  out = encoder(tokens, jnp.array([9, 16]))
+  run = nnx.jit(lambda encoder, tokens, lengths=None: encoder(tokens, lengths))
+  out = run(encoder, tokens, jnp.array([9, 16]))
   assert out.shape == (2, 3)
-  assert _rel(out[0], encoder(tokens[:1, :9])[0]) < 1e-5
-  assert _rel(out[1], encoder(tokens[1:])[0]) < 1e-5
+  assert _rel(out[0], run(encoder, tokens[:1, :9])[0]) < 1e-5
+  assert _rel(out[1], run(encoder, tokens[1:])[0]) < 1e-5
 
 
 def _reference_greedy(model, prompt, steps):
