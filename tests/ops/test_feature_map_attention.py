@@ -101,8 +101,11 @@ def _run(spec, diff, dout, *, causal, tier, segment_ids):
   def forward(d):
     return spec.op(**d, causal=causal, segment_ids=segment_ids, chunk_size=8,
                    implementation=tier, **spec.static)[0]
-  out, vjp = jax.vjp(forward, diff)
-  return out, vjp(dout.astype(out.dtype))[0]
+  @jax.jit  # op-by-op dispatch of the chunked path costs more than its compile
+  def run(diff, dout):
+    out, vjp = jax.vjp(forward, diff)
+    return out, vjp(dout.astype(out.dtype))[0]
+  return run(diff, dout)
 
 
 # bfloat16 runs the xla tier only: the reference computes in float32 from the first line,
