@@ -36,6 +36,8 @@ import numpy as np
 
 from attnlab.ops import registry
 from attnlab.ops.linear_reference import linear_recurrence_reference, recurrent_step
+from attnlab.ops.linear_pallas import (linear_pallas_automatic, linear_pallas_supports,
+                                       linear_recurrence_pallas)
 from attnlab.ops.linear_xla import linear_recurrence_chunked
 
 NORMALIZE_EPS = 1e-6   # linear_attn(normalize=True): o = num / (den + eps)
@@ -90,6 +92,9 @@ for _name in MECHANISMS:
       "reference", linear_recurrence_reference, priority=0, automatic=False))
   registry.register(_name, registry.Implementation(
       "xla", linear_recurrence_chunked, priority=10))
+  registry.register(_name, registry.Implementation(
+      "pallas", linear_recurrence_pallas, supports=linear_pallas_supports, priority=15,
+      automatic_supports=linear_pallas_automatic))
 
 
 # ----------------------------------------------------------------------------- checks

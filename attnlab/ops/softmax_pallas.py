@@ -27,46 +27,19 @@ interpreter on any backend (slow; for tests and for reading a kernel on a laptop
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attnlab.ops import masks as masks_lib
 from attnlab.ops import registry
+from attnlab.ops.pallas_target import (KERNEL_BACKENDS, interpret_kernels,  # noqa: F401 (re-exported)
+                                       kernel_target)
 from pallas_kernels.gpu import flash_attention as gpu_flash_attention
 from pallas_kernels.tpu import flash_attention as tpu_flash_attention
 
 # Block-size classes the pallas tier accepts through ``block_sizes=``.
 KERNEL_BLOCK_SIZES = (gpu_flash_attention.BlockSizes, tpu_flash_attention.BlockSizes)
-
-_STATE = threading.local()
-KERNEL_BACKENDS = ("gpu", "tpu")
-
-
-@contextlib.contextmanager
-def interpret_kernels(backend: str):
-  """Within the block, the pallas tier runs ``backend``'s kernel in its interpreter."""
-  if backend not in KERNEL_BACKENDS:
-    raise ValueError(f"backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
-  previous = getattr(_STATE, "interpret", None)
-  _STATE.interpret = backend
-  try:
-    yield
-  finally:
-    _STATE.interpret = previous
-
-
-def _target() -> tuple[str | None, bool]:
-  """(kernel backend, interpreted) for the current context, or (None, False)."""
-  interpret = getattr(_STATE, "interpret", None)
-  if interpret is not None:
-    return interpret, True
-  backend = registry.current_backend()
-  return (backend, False) if backend in KERNEL_BACKENDS else (None, False)
-
 
 def _kernel_module(backend):
   return gpu_flash_attention if backend == "gpu" else tpu_flash_attention
@@ -114,7 +87,7 @@ def pallas_automatic(call) -> str | None:
   """What automatic dispatch asks on top of :func:`pallas_supports`: the GPU kernel on a
   Hopper GPU only (sm_90 instructions), and the TPU kernel never until it has run on a
   TPU (it is tested in interpret mode only; name ``implementation="pallas"`` to use it)."""
-  backend, interpret = _target()
+  backend, interpret = kernel_target()
   if interpret:
     return None
   if backend == "tpu":
@@ -127,7 +100,7 @@ def pallas_automatic(call) -> str | None:
 
 def pallas_supports(call) -> str | None:
   """None when the current backend's kernel can run ``call``, else the reason."""
-  backend, _ = _target()
+  backend, _ = kernel_target()
   if backend is None:
     return (f"the Pallas kernels run on GPU (Mosaic GPU) and TPU (Mosaic TPU), the backend "
             f"is {registry.current_backend()!r}")
@@ -173,7 +146,7 @@ def dot_product_attention_pallas(query, key, value, bias=None, mask=None, *, sca
   ``block_sizes``: the kernel's own ``BlockSizes`` (``pallas_kernels.gpu.flash_attention
   .BlockSizes``) or None for its defaults; the xla tier's ``attnlab.ops.BlockSizes`` does
   not apply to kernels and is ignored."""
-  backend, interpret = _target()
+  backend, interpret = kernel_target()
   if backend is None:
     raise ValueError(pallas_supports(None))
   static, doc, pad, rest = _split_mask(mask)

@@ -1018,6 +1018,16 @@ def flash_attention(q, k, v, *, scale, soft_cap=None, sinks=None, mask=None,
                      f"{q_segment_ids is None=}, {kv_segment_ids is None=}")
   batch, q_len, num_heads, head_dim = q.shape
   kv_len = k.shape[1]
+  if sinks is not None and (np.shape(sinks) != (num_heads,)
+                            or not jnp.issubdtype(sinks.dtype, jnp.floating)):
+    raise ValueError(f"sinks must be float [N] = [{num_heads}], got {np.shape(sinks)} "
+                     f"{getattr(sinks, 'dtype', None)}")
+  for name, ids, length in (("q_segment_ids", q_segment_ids, q_len),
+                            ("kv_segment_ids", kv_segment_ids, kv_len)):
+    if ids is not None and (np.shape(ids) != (batch, length)
+                            or not jnp.issubdtype(ids.dtype, jnp.integer)):
+      raise ValueError(f"{name} must be int [B, {'T' if name[0] == 'q' else 'S'}] = "
+                       f"[{batch}, {length}], got {np.shape(ids)} {getattr(ids, 'dtype', None)}")
   bias_dims = None
   if bias is not None:
     shape = tuple(np.shape(bias))

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from attnlab import ops
+from attnlab.ops import pallas_target
 from tests import oracle_linear as oracle
 
 # Relative error bounds. bfloat16 is compared with the oracle run on the bf16-rounded
@@ -559,6 +560,21 @@ class TestXla(LinearAttentionSuite):
   sweep_chunk_sizes = (16, 32, 64, 24)  # 24: GLA sub-chunks of 12
 
 
+class TestPallasTpuInterpret(LinearAttentionSuite):
+  """The pallas tier: the Mosaic TPU chunked kernels in TPU interpret mode on CPU (no TPU
+  is reachable here). Chunk sizes are multiples of 16 (the kernels' sub-chunk); blocks
+  of several chunks per grid step are the kernels' own tests'."""
+
+  implementation = "pallas"
+  chunk_sizes = (16, 32)
+  sweep_chunk_sizes = (16, 48)
+
+  @pytest.fixture(autouse=True)
+  def _tpu_interpreter(self):
+    with pallas_target.interpret_kernels("tpu"):
+      yield
+
+
 # ---------------------------------------------------------------------- decode steps
 
 
@@ -600,7 +616,27 @@ def test_steps_from_initial_state_equal_the_forward(case, rng):
 def test_mechanisms_and_tiers_are_registered():
   assert set(MECHANISMS) <= set(ops.mechanisms())
   for name in MECHANISMS:
-    assert {"reference", "xla"} <= set(ops.implementations(name)), name
+    assert {"reference", "xla", "pallas"} <= set(ops.implementations(name)), name
+
+
+def test_pallas_tier_says_why_it_cannot_run(rng):
+  """Without a TPU (or its interpreter) the kernels refuse with the reason, and so does a
+  GPU (no Mosaic GPU chunked kernels yet) and an odd chunk size; automatic dispatch never
+  picks the interpret-only kernels."""
+  problem = Case("refused", "simple_gla", 33, 1.0).problem(rng)
+  call = lambda **kw: ops.simple_gla(**problem.diff, **problem.static, **kw)
+  if jax.default_backend() != "tpu":
+    with pytest.raises(ValueError, match="run on TPU"):
+      call(implementation="pallas")
+  with pallas_target.interpret_kernels("gpu"):
+    with pytest.raises(ValueError, match="not written yet"):
+      call(implementation="pallas")
+  with pallas_target.interpret_kernels("tpu"):
+    with pytest.raises(ValueError, match="multiples of 16"):
+      call(implementation="pallas", chunk_size=24)
+    auto, _ = call()
+  xla, _ = call(implementation="xla")
+  assert np.array_equal(np.asarray(auto), np.asarray(xla))
 
 
 def test_automatic_dispatch_is_not_the_reference(rng):

@@ -21,6 +21,7 @@ automatic dispatch must then pick another tier.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +144,23 @@ def test_pallas_refused_on_cpu_without_interpretation():
   q = jnp.ones((1, 8, 2, 64), jnp.bfloat16)
   with pytest.raises(ValueError, match="Pallas kernels run on GPU"):
     ops.dot_product_attention(q, q, q, implementation="pallas")
+
+
+def test_gpu_kernel_checks_its_own_arguments(rng):
+  q = jnp.asarray(rng.standard_normal((2, 16, 4, 64)), jnp.bfloat16)
+  k = q[:, :, :2]
+  ids = jnp.zeros((2, 16), jnp.int32)
+  call = functools.partial(gpu_kernel.flash_attention, q, k, k, scale=0.1, interpret=True)
+  with pytest.raises(ValueError, match="sinks must be float"):
+    call(sinks=jnp.zeros((2,)))
+  with pytest.raises(ValueError, match="kv_segment_ids must be int"):
+    call(q_segment_ids=ids, kv_segment_ids=ids[:, :8])
+  with pytest.raises(ValueError, match="bias must be"):
+    call(bias=jnp.zeros((2, 4, 16, 8)))
+  with pytest.raises(ValueError, match="alibi_slopes must be"):
+    call(alibi_slopes=jnp.zeros((3,)))
+  with pytest.raises(ValueError, match="shared memory"):
+    call(bias=jnp.zeros((2, 4, 16, 16)), block_sizes=gpu_kernel.BlockSizes(block_k=256))
 
 
 def test_block_sizes_are_checked():
