@@ -16,7 +16,7 @@ mesh axes, so their shard counts must divide both.
 from __future__ import annotations
 
 import functools
-import string
+import itertools
 
 import jax
 from jax.experimental.custom_partitioning import custom_partitioning
@@ -71,7 +71,7 @@ def _choose(mesh, arg_shapes, in_dims):
 def _rule(in_ndims, in_dims, out_ndims, out_dims):
   """Shardy rule: shared factors ``b`` and ``n`` for batch and heads, one factor per
   other dimension (each needing replication)."""
-  letters = iter(string.ascii_lowercase.replace("b", "").replace("n", ""))
+  count = itertools.count()
   others = []
 
   def operand(ndim, dims):
@@ -82,7 +82,7 @@ def _rule(in_ndims, in_dims, out_ndims, out_dims):
       elif dims is not None and d == dims[1]:
         names.append("n")
       else:
-        name = next(letters) + "x"
+        name = f"x{next(count)}"  # any number of them (a kernel launch has many)
         others.append(name)
         names.append(name)
     return " ".join(names) if names else ""

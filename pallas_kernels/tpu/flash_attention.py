@@ -52,6 +52,10 @@ Hardware constraints (checked): blocks are multiples of 8 (16 is the bf16 sublan
 outside interpret mode a block shorter than its padded axis must be a multiple of 128,
 since ``lse`` rows are ``(1, block_q)`` lane tiles. Nothing here has run on a TPU: the
 kernels are tested in TPU interpret mode on CPU and lowered to Mosaic on CPU.
+
+Under a ``jit`` over several devices each launch runs per device on its batch and head
+shard (``pallas_kernels/partition.py``: XLA cannot partition a Mosaic call), and the
+per-batch block lists are split with the batch.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import partition
 
 # Block-summary codes of the mask vocabulary (attnlab.ops.masks uses the same values).
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -210,14 +216,19 @@ def _seq_spec(cfg: _Config, block: int, index):
 
 
 class _Lists(NamedTuple):
-  """Per-batch block schedule of one pass (all int32; see ``_block_lists``)."""
+  """Per-batch block schedule of one pass (all int32; see ``_block_lists``). Arrays only,
+  all batch-major, so a batch shard of every field is that shard's schedule."""
 
   blocks: jax.Array  # [B, R, W] partner block of each grid step
   counts: jax.Array  # [B, R] live steps of each row
   codes: jax.Array  # [B, R, W] static code (PARTIAL / FULL) of each listed pair
   rows: jax.Array  # [B, R] row block to load: the row itself, or the last live row
-  width: int  # W, the static grid extent of the step axis
   live: jax.Array  # [B, R, C] bool: the pairs of row and partner blocks that are computed
+
+  @property
+  def width(self) -> int:
+    """W, the static grid extent of the step axis."""
+    return self.blocks.shape[2]
 
   def prefetch(self, q_lens, kv_lens):
     return self.blocks, self.counts, self.codes, self.rows, q_lens, kv_lens
@@ -267,7 +278,7 @@ def _block_lists(cfg: _Config, bq: int, bk: int, q_lens, kv_lens, ids,
   blocks = jnp.take_along_axis(flat, latest, axis=1).reshape(batch, num_rows, width)
   codes = jnp.take_along_axis(jnp.broadcast_to(codes_all, live.shape), blocks, axis=2)
   rows = _latest(counts > 0).astype(jnp.int32)
-  return _Lists(blocks, counts, codes, rows, width, live)
+  return _Lists(blocks, counts, codes, rows, live)
 
 
 def _block_range(ids, block):
@@ -469,12 +480,11 @@ def _params(rows_parallel: bool = True):
       "parallel", "parallel", "parallel" if rows_parallel else "arbitrary", "arbitrary"))
 
 
-def _forward(cfg: _Config, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens):
+def _forward(cfg: _Config, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens, lists):
   """Kernel-layout ``q, k, v`` -> ``o`` (same layout) and ``lse [B, N, q_pad]`` (float32,
-  +inf on rows that saw nothing)."""
+  +inf on rows that saw nothing); ``lists``: the ``cfg.fwd`` block lists."""
   bq, bk = cfg.fwd
   batch = q.shape[0]
-  lists = _block_lists(cfg, bq, bk, q_lens, kv_lens, ids, transpose=False)
   specs = _row_major_specs(cfg, bq, bk)
   extra_specs, extra_args = _extras(cfg, specs, ids, sinks, slopes, bias, transposed=False)
   o, lse = pl.pallas_call(
@@ -613,11 +623,12 @@ def _row_major_backward(cfg: _Config, kernel, name, out_specs, out_shape, scratc
 
 
 def _dq_pass(cfg: _Config, q, k, v, do, lse_rows, delta_rows, slopes, bias, ids, q_lens,
-             kv_lens):
-  """Kernel-layout ``dq`` and the ALiBi slope gradient ``[N]`` (or None)."""
+             kv_lens, lists):
+  """Kernel-layout ``(dq,)``, and with ALiBi the slope gradient's partial sums
+  ``[B, N, q_pad // block]`` (summed by the caller, outside the per-shard launch);
+  ``lists``: the ``cfg.dq`` block lists."""
   bq, bk = cfg.dq
   batch, nq = q.shape[0], cfg.q_pad // bq
-  lists = _block_lists(cfg, bq, bk, q_lens, kv_lens, ids, transpose=False)
   out_specs = [_row_major_specs(cfg, bq, bk)["q_out"]]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   scratch = [pltpu.VMEM((bq, cfg.head_dim), jnp.float32)]
@@ -631,20 +642,19 @@ def _dq_pass(cfg: _Config, q, k, v, do, lse_rows, delta_rows, slopes, bias, ids,
   outs = _row_major_backward(cfg, _dq_kernel, "flash_attention_dq", out_specs, out_shape,
                              scratch, lists, q, k, v, do, lse_rows, delta_rows, slopes, bias,
                              ids, q_lens, kv_lens)
-  dslopes = outs[1][..., 0, 0].sum((0, 2)) if cfg.has_alibi else None
-  return outs[0], dslopes
+  return (outs[0], outs[1][..., 0, 0]) if cfg.has_alibi else (outs[0],)
 
 
 def _dbias_pass(cfg: _Config, q, k, v, do, lse_rows, delta_rows, slopes, bias, ids, q_lens,
-                kv_lens):
-  """The bias cotangent: ``dl`` summed to the padded bias shape ``[Bb, Nb, q_pad, kv_pad]``.
+                kv_lens, lists):
+  """The bias cotangent per (batch, query head): ``(dl [B, N, q_pad, kv_pad] float32,)``.
 
-  Its own pallas_call, so that XLA drops it when the bias gradient is not used. It writes
-  ``dl`` per (batch, query head) in float32; the broadcast axes are summed here.
+  Its own pallas_call, so that XLA drops it when the bias gradient is not used. The caller
+  sums the bias's broadcast axes (outside the per-shard launch). ``lists``: the ``cfg.dq``
+  block lists.
   """
   bq, bk = cfg.dq
   batch, nq, nk = q.shape[0], cfg.q_pad // bq, cfg.kv_pad // bk
-  lists = _block_lists(cfg, bq, bk, q_lens, kv_lens, ids, transpose=False)
   full = (batch, cfg.num_heads, cfg.q_pad, cfg.kv_pad)
   # Same walk as the inputs: a skipped step maps to the output block of the last live step
   # (of an earlier row, for a row with none), so it writes nothing back. That holds only if
@@ -660,11 +670,7 @@ def _dbias_pass(cfg: _Config, q, k, v, do, lse_rows, delta_rows, slopes, bias, i
   # Blocks that no live step wrote (skipped, or a batch with nothing live) hold whatever
   # the buffer held; every pair in them is excluded, so their gradient is 0.
   dl = dl.reshape(batch, cfg.num_heads, nq, bq, nk, bk)
-  dl = jnp.where(lists.live[:, None, :, None, :, None], dl, 0.0).reshape(full)
-  axes = tuple(a for a, keep in ((0, cfg.bias_per_batch), (1, cfg.bias_per_head)) if not keep)
-  if axes:
-    dl = dl.sum(axes, keepdims=True)
-  return dl.astype(bias.dtype)
+  return (jnp.where(lists.live[:, None, :, None, :, None], dl, 0.0).reshape(full),)
 
 
 # ------------------------------------------------------------------------- dk/dv pass
@@ -716,11 +722,10 @@ def _dkv_kernel(cfg: _Config, width: int, blocks_ref, counts_ref, codes_ref, row
 
 
 def _dkv_pass(cfg: _Config, q, k, v, do, lse_rows, delta_rows, slopes, bias, ids, q_lens,
-              kv_lens):
-  """Kernel-layout ``dk, dv``."""
+              kv_lens, lists):
+  """Kernel-layout ``(dk, dv)``; ``lists``: the transposed ``cfg.dkv`` block lists."""
   bq, bk = cfg.dkv
   batch, g = q.shape[0], cfg.groups
-  lists = _block_lists(cfg, bq, bk, q_lens, kv_lens, ids, transpose=True)
   width = lists.width
 
   # Step ``step_id`` of key block ``j`` is query head ``kh * G + step_id // W`` and the
@@ -749,7 +754,7 @@ def _dkv_pass(cfg: _Config, q, k, v, do, lse_rows, delta_rows, slopes, bias, ids
   row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, kh, j, s, blk, *_:
                           (b, head(kh, s), 0, listed(b, j, s, blk)))
   extra_specs, extra_args = _extras(cfg, specs, ids, None, slopes, bias, transposed=True)
-  return pl.pallas_call(
+  return tuple(pl.pallas_call(
       lambda *refs: _dkv_kernel(cfg, width, *refs),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=6,
@@ -762,7 +767,110 @@ def _dkv_pass(cfg: _Config, q, k, v, do, lse_rows, delta_rows, slopes, bias, ids
       compiler_params=_params(),
       interpret=cfg.interpret,
       name="flash_attention_dkv",
-  )(*lists.prefetch(q_lens, kv_lens), q, k, v, do, lse_rows, delta_rows, *extra_args)
+  )(*lists.prefetch(q_lens, kv_lens), q, k, v, do, lse_rows, delta_rows, *extra_args))
+
+
+# ------------------------------------------------------------------------ partitioning
+
+# Forces the per-shard split below in interpret mode too, where the kernels are plain HLO
+# that XLA would partition by itself (so only forcing it tests the split). Private: set by
+# tests/pallas_kernels/tpu/partition_check_tpu.py, with ``interpret=True`` (the ordered
+# callbacks of ``pltpu.InterpretParams`` cannot be lowered inside a custom partitioning);
+# callers get the split on hardware whenever the program spans several devices.
+_FORCE_PARTITION = False
+# Dims of a kernel-layout ``[B, N, L, H]`` / ``[B, L, N * H]`` array (q, k, v, dO, o, ...).
+_SEQ = "seq"
+_PER_BATCH, _PER_HEAD, _BATCH_HEAD = (0, None), (None, 0), (0, 1)
+
+
+def _bias_dims(cfg: _Config):
+  """The bias ``[Bb, Nb, T, S]`` follows the batch / head split only where Bb = B / Nb = N."""
+  return (0 if cfg.bias_per_batch else None, 1 if cfg.bias_per_head else None)
+
+
+class _Crossing(NamedTuple):
+  """How one kernel array crosses ``batch_head_partitioned``: as a free reshape whose
+  batch and head axes stand alone and whose other axes are merged run by run (fewer
+  factors in the partitioner's Shardy rule, each of which needs replication). A ``_SEQ``
+  array in the lane layout ``[B, L, N * H]`` is first viewed as ``[B, L, N, H]``, so a
+  shard never cuts through a head."""
+
+  lane_heads: int  # H when the array is a lane-layout _SEQ array, else 0
+  groups: tuple[tuple[int, ...], ...]  # axes (after the lane view) behind each call axis
+  dims: tuple[int | None, int | None] | None  # (batch, head) axes in the call, or None
+
+  @classmethod
+  def of(cls, cfg: _Config, ndim: int, dims):
+    lane_heads = 0
+    if dims == _SEQ:
+      lane_heads, ndim = (cfg.head_dim, 4) if cfg.heads_in_lanes else (0, ndim)
+      dims = (0, 2) if cfg.heads_in_lanes else (0, 1)
+    keep = () if dims is None else tuple(a for a in dims if a is not None)
+    groups = []
+    for axis in range(ndim):
+      if axis in keep or not groups or groups[-1][-1] in keep:
+        groups.append((axis,))
+      else:
+        groups[-1] = groups[-1] + (axis,)
+    where = {g[0]: i for i, g in enumerate(groups)}
+    call_dims = None if dims is None else tuple(None if a is None else where[a] for a in dims)
+    return cls(lane_heads, tuple(groups), call_dims)
+
+  def enter(self, x):
+    """Kernel array (whole or a shard) -> the call's operand."""
+    if self.lane_heads:
+      x = x.reshape(x.shape[:2] + (-1, self.lane_heads))
+    return x.reshape(tuple(math.prod(x.shape[a] for a in g) for g in self.groups))
+
+  def leave(self, x, shape):
+    """Inverse of ``enter`` for an array of (whole) ``shape``; batch and head sizes come
+    from ``x``, which may be a shard."""
+    if self.lane_heads:
+      shape = shape[:2] + (shape[2] // self.lane_heads, self.lane_heads)
+    shape = list(shape)
+    for i, group in enumerate(self.groups):
+      if len(group) == 1:
+        shape[group[0]] = x.shape[i]
+    x = x.reshape(shape)
+    return x.reshape(x.shape[:2] + (-1,)) if self.lane_heads else x
+
+
+def _launch(cfg: _Config, fn, args, dims, out_dims):
+  """``fn(cfg, *args) -> tuple``, split per device over batch and heads when the program
+  spans several TPUs (or ``_FORCE_PARTITION``), via ``partition.batch_head_partitioned``.
+
+  ``dims``: per argument ``(batch_dim, head_dim)``, None (replicated) or ``_SEQ`` (a
+  kernel-layout q / k / v-like array); a tuple argument (segment ids, block lists) has one
+  entry for all its arrays, and None arguments stay None. ``out_dims`` likewise per
+  result. Each shard runs ``fn`` with ``cfg`` holding its own head counts (from
+  ``args[0]``, the queries, and ``args[1]``, the keys). The block lists are built outside
+  (``custom_partitioning`` rejects the NumPy constants of ``_block_lists``) and, being
+  batch-major, are split with the batch: a shard's rows are its schedule.
+  """
+  hardware = cfg.interpret is False or cfg.interpret is None
+  if not (_FORCE_PARTITION or (hardware and jax.device_count() > 1)):
+    return fn(cfg, *args)
+  is_none = lambda x: x is None  # noqa: E731
+  leaves, tree = jax.tree.flatten(args, is_leaf=is_none)
+  leaf_dims = [d for x, d in zip(args, dims) for _ in jax.tree.leaves(x, is_leaf=is_none)]
+  present = [i for i, x in enumerate(leaves) if x is not None]
+  ins = {i: _Crossing.of(cfg, leaves[i].ndim, leaf_dims[i]) for i in present}
+  out_shapes = [o.shape for o in jax.eval_shape(functools.partial(fn, cfg), *args)]
+  outs = [_Crossing.of(cfg, len(shape), d) for shape, d in zip(out_shapes, out_dims)]
+
+  def shard(*operands):
+    given = list(leaves)
+    for i, x in zip(present, operands):
+      given[i] = ins[i].leave(x, leaves[i].shape)
+    heads = [x.shape[ins[i].dims[1]] for i, x in zip(present[:2], operands)]
+    local = dataclasses.replace(cfg, num_heads=heads[0], num_kv=heads[1])
+    results = fn(local, *jax.tree.unflatten(tree, given))
+    return tuple(c.enter(x) for c, x in zip(outs, results))
+
+  run = partition.batch_head_partitioned(shard, [ins[i].dims for i in present],
+                                         [c.dims for c in outs])
+  results = run(*(ins[i].enter(leaves[i]) for i in present))
+  return tuple(c.leave(x, shape) for c, x, shape in zip(outs, results, out_shapes))
 
 
 # -------------------------------------------------------------------------- custom_vjp
@@ -780,11 +888,14 @@ def _row_sums(cfg: _Config, a, b):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(cfg, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens):
   """Attention on kernel-layout, padded arrays (the layout change is differentiated by JAX)."""
-  return _forward(cfg, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens)[0]
+  return _attention_fwd(cfg, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens)[0]
 
 
 def _attention_fwd(cfg, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens):
-  o, lse = _forward(cfg, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens)
+  lists = _block_lists(cfg, *cfg.fwd, q_lens, kv_lens, ids, transpose=False)
+  o, lse = _launch(cfg, _forward, (q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens, lists),
+                   (_SEQ,) * 3 + (_PER_HEAD,) * 2 + (_bias_dims(cfg),) + (_PER_BATCH,) * 4,
+                   (_SEQ, _BATCH_HEAD))
   return o, (q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens, o, lse)
 
 
@@ -793,11 +904,22 @@ def _attention_bwd(cfg, res, do):
   # D = rowsum(dO * o) (FlashAttention-2 Alg. 2); padded and dead rows have o = 0, D = 0.
   delta = _row_sums(cfg, do, o)
   lse_rows, delta_rows = lse[:, :, None, :], delta[:, :, None, :]
-  grad_args = (cfg, q, k, v, do, lse_rows, delta_rows, slopes, bias, ids, q_lens, kv_lens)
-  dq, dslopes = _dq_pass(*grad_args)
-  dk, dv = _dkv_pass(*grad_args)
-  # A separate kernel, dead code (and dropped by XLA) when the bias gradient is unused.
-  dbias = _dbias_pass(*grad_args) if cfg.has_bias else None
+  grad_args = (q, k, v, do, lse_rows, delta_rows, slopes, bias, ids, q_lens, kv_lens)
+  grad_dims = ((_SEQ,) * 4 + (_BATCH_HEAD,) * 2 + (_PER_HEAD, _bias_dims(cfg))
+               + (_PER_BATCH,) * 4)
+  dq_lists = _block_lists(cfg, *cfg.dq, q_lens, kv_lens, ids, transpose=False)
+  dkv_lists = _block_lists(cfg, *cfg.dkv, q_lens, kv_lens, ids, transpose=True)
+  dq, *dslope_parts = _launch(cfg, _dq_pass, grad_args + (dq_lists,), grad_dims,
+                              (_SEQ,) + (_BATCH_HEAD,) * cfg.has_alibi)
+  dk, dv = _launch(cfg, _dkv_pass, grad_args + (dkv_lists,), grad_dims, (_SEQ, _SEQ))
+  dbias = None
+  if cfg.has_bias:
+    # A separate kernel, dead code (and dropped by XLA) when the bias gradient is unused.
+    (dbias,) = _launch(cfg, _dbias_pass, grad_args + (dq_lists,), grad_dims, (_BATCH_HEAD,))
+    axes = tuple(a for a, keep in ((0, cfg.bias_per_batch), (1, cfg.bias_per_head))
+                 if not keep)
+    dbias = (dbias.sum(axes, keepdims=True) if axes else dbias).astype(bias.dtype)
+  dslopes = dslope_parts[0].sum((0, 2)) if cfg.has_alibi else None
   dsinks = None
   if sinks is not None:
     # d sink_n = -sum_rows p_sink D with p_sink = exp(sink_n - lse) (finite: l >= 1).

@@ -150,11 +150,14 @@ def test_decode_steps_equal_causal_forward(spec, rng):
   full, _ = spec.op(**x, **params, causal=True, chunk_size=8, **spec.static)
   state = _state(spec, rng)
   step_kw = spec.step_static(params)
+  # Jitted (CI time): arrays are traced, the other options closed over.
+  others = {n: a for n, a in step_kw.items() if not isinstance(a, jax.Array)}
+  step = jax.jit(lambda args, state, arrays: spec.step(*args, state, **arrays, **others))
   for t in range(length):
     args = [x[n][:, t] for n in ("q", "k", "v")]
     if spec.op is ops.cosformer:
       step_kw["position"] = jnp.full((B,), t, jnp.int32)
-    o_t, state = spec.step(*args, state, **step_kw)
+    o_t, state = step(args, state, {n: a for n, a in step_kw.items() if n not in others})
     assert rel_err(o_t, full[:, t]) < 1e-5, t
   for tier in ("reference", "xla"):
     first = {n: a[:, :split] for n, a in x.items()}
@@ -178,9 +181,10 @@ def test_right_padding_is_ignored(spec, causal, rng):
   x = _inputs(rng, length, jnp.float32)
   x = {n: a.at[0, valid:].multiply(5.0) for n, a in x.items()}
   params = {n: jnp.asarray(a, jnp.float32) for n, a in spec.params(rng).items()}
-  kw = dict(causal=causal, output_final_state=causal, chunk_size=8, **params, **spec.static)
-  padded, padded_state = spec.op(**x, lengths=jnp.array([valid, length]), **kw)
-  alone, alone_state = spec.op(**{n: a[:1, :valid] for n, a in x.items()}, **kw)
+  kw = dict(causal=causal, output_final_state=causal, chunk_size=8, **spec.static)
+  run = jax.jit(lambda x, **arrays: spec.op(**x, **arrays, **params, **kw))  # CI time
+  padded, padded_state = run(x, lengths=jnp.array([valid, length]))
+  alone, alone_state = run({n: a[:1, :valid] for n, a in x.items()})
   assert rel_err(padded[0, :valid], alone[0]) < 1e-5
   if causal:
     if spec.op is ops.cosformer:

@@ -62,7 +62,7 @@ INTERPRETED_CASES = [
                (suite.bias_array("B1TS"), suite.bool_mask("B11S"), suite.is_causal),
                num_heads=2),
     suite.Case("alibi_gqa_cap_T33_S65", 33, 65, (suite.alibi, suite.soft_cap(5.0)),
-               num_heads=4, num_kv=2),
+               num_heads=2, num_kv=1),
 ]
 
 

@@ -11,13 +11,19 @@ Interpret mode costs seconds per case, so each case combines several features. B
 skipping is checked twice: NaN-poisoned blocks that only a skipped step could read, and
 the schedule the index maps read (a skipped step must keep the previous step's block, so
 it issues no DMA). The kernels are also lowered to Mosaic for TPU on CPU, which checks the
-block shapes and primitives against Mosaic's rules.
+block shapes and primitives against Mosaic's rules. Split over batch and heads on 8
+simulated devices (``partition_check_tpu.py``, a subprocess), each launch must run on its
+device's shard, match one device and add no collective.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
+import subprocess
+import sys
 from typing import Any, Callable
 
 import jax
@@ -407,3 +413,43 @@ def test_bad_input_raises(change, message):
 def test_block_sizes_must_be_multiples_of_eight():
   with pytest.raises(ValueError, match="block_k_dq must be a positive multiple of 8"):
     fa.BlockSizes(block_k_dq=12)
+
+
+# ------------------------------------------------------------ batch and head shards
+
+PARTITION_CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                               "partition_check_tpu.py")
+
+
+@pytest.fixture(scope="module")
+def partitioned():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, PARTITION_CHECK], capture_output=True, text=True,
+                        env=env, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("layout, q_shard, k_shard", [
+    # [B, N, T_pad, H] at H = 8; [B, T_pad, N * H] at H = 128. Batch 2 / 2, query heads
+    # 8 / 4, key heads 4 / 4, both lengths padded to 32.
+    ("split", [1, 2, 32, 8], [1, 1, 32, 8]), ("lanes", [1, 32, 256], [1, 32, 128])])
+def test_batch_head_shards_match_one_device_without_collectives(partitioned, layout, q_shard,
+                                                                k_shard):
+  """Forward, dq, dk/dv and dbias each run on one device's batch and head shard (a shard's
+  own head counts and block lists), equal the single-device run in every output and
+  gradient, and the forward and q, k, v, bias gradients need no collective."""
+  r = partitioned[layout]
+  assert all(err < 1e-5 for err in r["errors"].values()), r["errors"]
+  assert len(r["errors"]) == (7 if layout == "split" else 5), r["errors"]
+  assert r["o_spec"].startswith("P('data', None, 'model'"), r["o_spec"]
+  assert set(r["traced"]) == {"_forward", "_dq_pass", "_dkv_pass", "_dbias_pass"}
+  for name, shapes in r["traced"].items():
+    assert [q_shard, k_shard, [1], 2, 1] in shapes, (name, shapes)
+  assert not any(r["collectives"].values()), r["collectives"]
+
+
+def test_several_tpus_partition_every_launch(partitioned):
+  """On hardware (interpret=False, nothing forced) with 8 devices the four launches are
+  custom-partitioning calls; no Mosaic call is left for XLA to partition."""
+  assert partitioned["hardware"] == {"partitioned": 4, "mosaic": 0}
