@@ -13,7 +13,7 @@ run: $(STAMP)
 	$(VENV_PYTHON) -m experiments.mqar_study --config=configs/mqar_study.py --workdir=runs/mqar_study
 
 test: $(STAMP)
-	$(VENV_PYTHON) -m pytest tests -q -n 2
+	$(VENV_PYTHON) -m pytest tests -q -n 2 --dist worksteal
 
 $(VENV_PYTHON):
 	$(PYTHON) -m venv $(VENV)

@@ -4,10 +4,10 @@ On a GPU it runs ``pallas_kernels.gpu.flash_attention`` (Mosaic GPU, Hopper); on
 ``pallas_kernels.tpu.flash_attention`` (Mosaic TPU). This module turns the canonical call
 into kernel arguments: static masks (causal, windows, the whole static vocabulary and
 their ``&`` / ``|``) go to the kernel as one mask object (element predicate and block
-summary), packed documents and right padding become segment ids. Under a jit over several
-devices the GPU kernel's launches are split over batch and head shards by
-``custom_partitioning`` (a Mosaic call cannot be partitioned by XLA); the TPU kernel is not
-partitioned yet.
+summary), packed documents and right padding become segment ids (the TPU kernel takes
+lengths itself). Under a jit over several devices each kernel launch, GPU or TPU, is split
+over batch and head shards by ``custom_partitioning`` (``pallas_kernels/partition.py``: a
+Mosaic call cannot be partitioned by XLA).
 
 Both kernels take every option of the op: ALiBi in registers (with its slope gradient);
 bias arrays and relative position bias as one dense float32 bias streamed tile by tile
