@@ -12,8 +12,9 @@ Mosaic call cannot be partitioned by XLA).
 Both kernels take every option of the op: ALiBi in registers (with its slope gradient);
 bias arrays and relative position bias as one dense float32 bias streamed tile by tile
 (its gradient from a launch of its own, which XLA drops when nothing needs it); boolean
-mask arrays and masks composed with a dynamic side as ``-inf`` entries of that bias (their
-blocks are not skipped: only static masks, documents and padding skip blocks). What the
+mask arrays and masks composed with a dynamic side as ``-inf`` entries of that bias, whose
+empty blocks are skipped too (block lists built on the device from the masks' jnp block
+summaries; the GPU kernel skips the blocks documents and padding empty the same way). What the
 GPU kernel takes, and so what automatic dispatch gives it: bfloat16 / float16, head dim
 64 / 128 (the dims its H100 tests cover), any lengths. The TPU kernel takes bfloat16 /
 float32 and any head dim. The tests (``tests/ops/test_softmax_pallas.py``) run
@@ -168,9 +169,11 @@ def dot_product_attention_pallas(query, key, value, bias=None, mask=None, *, sca
         kv_segment_ids=None if doc is None else doc.kv_segment_ids,
         q_lengths=None if pad is None else pad.q_lengths,
         kv_lengths=None if pad is None else pad.kv_lengths,
-        alibi_slopes=alibi, bias=dense, block_sizes=block_sizes, interpret=interpret)
+        alibi_slopes=alibi, bias=dense, block_mask=masks_lib.combine_masks(*rest),
+        block_sizes=block_sizes, interpret=interpret)
   q_ids, kv_ids = _segment_ids(doc, pad, batch, q_len, key.shape[1])
   return kernel.flash_attention(
       query, key, value, scale=scale, soft_cap=logits_soft_cap, sinks=sinks, mask=static,
       q_segment_ids=q_ids, kv_segment_ids=kv_ids, bias=dense, alibi_slopes=alibi,
-      block_sizes=block_sizes, interpret=interpret)
+      block_mask=masks_lib.combine_masks(doc, pad, *rest), block_sizes=block_sizes,
+      interpret=interpret)

@@ -819,17 +819,56 @@ def _pad_multiples(sizes):
   return q_mult, kv_mult
 
 
+def _tilings(sizes):
+  """(rows, cols, transposed) of the forward's, the dq pass's and the dk/dv pass's block
+  summaries: query rows by keys, the dk/dv pass's read transposed."""
+  w = _COMPUTE_WGS
+  return ((w * sizes.block_q, sizes.block_k, False),
+          (w * sizes.block_q_bwd, sizes.block_k_dq, False),
+          (sizes.block_q_bwd, w * sizes.block_k_bwd, True))
+
+
+def _num_tiles(static, q_pad, kv_pad):
+  sizes, w = static.sizes, _COMPUTE_WGS
+  return (q_pad // (w * sizes.block_q), q_pad // (w * sizes.block_q_bwd),
+          kv_pad // (w * sizes.block_k_bwd))
+
+
 @functools.lru_cache(maxsize=64)
 def _block_lists(static, q_len, kv_len, q_pad, kv_pad):
   """The forward's, the dq pass's and the dk/dv pass's block lists (NumPy, per shape)."""
-  sizes, w = static.sizes, _COMPUTE_WGS
-  fwd = _lists(_summary(static.mask, q_len, kv_len, w * sizes.block_q, sizes.block_k),
-               q_pad // (w * sizes.block_q))
-  dq = _lists(_summary(static.mask, q_len, kv_len, w * sizes.block_q_bwd, sizes.block_k_dq),
-              q_pad // (w * sizes.block_q_bwd))
-  dkv = _lists(_summary(static.mask, q_len, kv_len, sizes.block_q_bwd,
-                        w * sizes.block_k_bwd).T, kv_pad // (w * sizes.block_k_bwd))
-  return fwd, dq, dkv
+  return tuple(
+      _lists(_summary(static.mask, q_len, kv_len, rows, cols).T if t else
+             _summary(static.mask, q_len, kv_len, rows, cols), n)
+      for (rows, cols, t), n in zip(_tilings(static.sizes), _num_tiles(static, q_pad, kv_pad)))
+
+
+def _dynamic_summaries(static, block_mask, q_len, kv_len):
+  """The static summaries of the three tilings AND-ed (elementwise min of the codes) with
+  a dynamic mask's (jnp), or None without one."""
+  if block_mask is None:
+    return None
+  return tuple(
+      jnp.minimum(jnp.asarray(_summary(static.mask, q_len, kv_len, rows, cols), jnp.int8),
+                  jnp.asarray(block_mask.block_summary(q_len, kv_len, rows, cols), jnp.int8))
+      for rows, cols, _ in _tilings(static.sizes))
+
+
+def _lists_on_device(summary, n):
+  """:func:`_lists` in jnp, for a summary known only at run time."""
+  rank = jnp.where(summary == PARTIAL, 0, jnp.where(summary == FULL, 1, 2))
+  order = jnp.argsort(rank, axis=1, stable=True).astype(jnp.int32)
+  meta = jnp.stack([(summary != EMPTY).sum(1), (summary == PARTIAL).sum(1)], 1)
+  extra = ((0, n - summary.shape[0]), (0, 0))
+  return jnp.pad(order, extra), jnp.pad(meta.astype(jnp.int32), extra)
+
+
+def _device_lists(static, q_len, kv_len, q_pad, kv_pad, summaries):
+  """The three passes' block lists as device arrays (from the dynamic summaries if any)."""
+  if summaries is None:
+    return _as_device(_block_lists(static, q_len, kv_len, q_pad, kv_pad))
+  return tuple(_lists_on_device(x.T if t else x, n) for x, (_, _, t), n in
+               zip(summaries, _tilings(static.sizes), _num_tiles(static, q_pad, kv_pad)))
 
 
 def _pad_inputs(static, q, k, v, q_seg, kv_seg):
@@ -856,9 +895,9 @@ def _pad_bias(static, bias, q_pad, kv_pad):
   return bias, jnp.swapaxes(bias, 2, 3)
 
 
-def _fwd_impl(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg):
+def _fwd_impl(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg, summaries):
   qp, kp, vp, qs, ks = _pad_inputs(static, q, k, v, q_seg, kv_seg)
-  lists = _as_device(_block_lists(static, q_len, kv_len, qp.shape[1], kp.shape[1]))
+  lists = _device_lists(static, q_len, kv_len, qp.shape[1], kp.shape[1], summaries)
   sinks32 = None if sinks is None else sinks.astype(jnp.float32)
   slopes32 = None if slopes is None else slopes.astype(jnp.float32)
   bias_p, _ = _pad_bias(static, bias, qp.shape[1], kp.shape[1])
@@ -871,7 +910,7 @@ def _fwd_impl(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg
   o, lse = outs[:2]
   # The residual output to ~16 bits (high + low part) where _Static.low_output says why.
   o_res = o.astype(jnp.float32) + outs[2].astype(jnp.float32) if static.low_output else o
-  return o[:, :q_len], (qp, kp, vp, sinks, bias, slopes, qs, ks, o_res, lse)
+  return o[:, :q_len], (qp, kp, vp, sinks, bias, slopes, qs, ks, o_res, lse, summaries)
 
 
 # (batch dim, head dim) of each kernel operand; None: replicated (block tables).
@@ -902,12 +941,16 @@ def _sharded(fn, static, operands, out_dims):
   return partitioned(*(operands[n] for n in names))
 
 
-def _attention_plain(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg):
-  return _fwd_impl(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg)[0]
+def _attention_plain(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg,
+                     summaries):
+  return _fwd_impl(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg,
+                   summaries)[0]
 
 
-def _attention_fwd(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg):
-  return _fwd_impl(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg)
+def _attention_fwd(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg,
+                   summaries):
+  return _fwd_impl(static, q_len, kv_len, q, k, v, sinks, bias, slopes, q_seg, kv_seg,
+                   summaries)
 
 
 def _int_cotangent(x):
@@ -915,18 +958,20 @@ def _int_cotangent(x):
 
 
 def _visited(summary, rows, cols, q_pad, kv_pad):
-  """``[q_pad, kv_pad]`` bool: the elements of the blocks a kernel's block list visits."""
-  grid = np.zeros((q_pad // rows, kv_pad // cols), bool)
-  grid[:summary.shape[0], :summary.shape[1]] = summary != EMPTY
-  return np.repeat(np.repeat(grid, rows, 0), cols, 1)
+  """``[q_pad, kv_pad]`` bool: the elements of the blocks a kernel's block list visits
+  (NumPy or jnp, as ``summary``)."""
+  xp = np if isinstance(summary, np.ndarray) else jnp
+  live = summary != EMPTY
+  grid = xp.pad(live, ((0, q_pad // rows - live.shape[0]), (0, kv_pad // cols - live.shape[1])))
+  return xp.repeat(xp.repeat(grid, rows, 0), cols, 1)
 
 
 def _attention_bwd(static, q_len, kv_len, res, do):
-  qp, kp, vp, sinks, bias, slopes, qs, ks, o, lse = res
+  qp, kp, vp, sinks, bias, slopes, qs, ks, o, lse, summaries = res
   do = _pad_to(do, qp.shape[1], 1)
   # D_i = sum_h dO_ih O_ih, the row term of the softmax backward, [B, N, T].
   delta = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), o.astype(jnp.float32))
-  lists = _as_device(_block_lists(static, q_len, kv_len, qp.shape[1], kp.shape[1]))
+  lists = _device_lists(static, q_len, kv_len, qp.shape[1], kp.shape[1], summaries)
   bias_p, bias_t = _pad_bias(static, bias, qp.shape[1], kp.shape[1])
   slopes32 = None if slopes is None else slopes.astype(jnp.float32)
   dq, dk, dv, dbias, dslope_rows = _sharded(
@@ -949,8 +994,8 @@ def _attention_bwd(static, q_len, kv_len, res, do):
   if bias is not None:
     # Blocks the dq pass skips are never written: their dS is zero (nothing attends).
     sizes = static.sizes
-    summary = _summary(static.mask, q_len, kv_len, _COMPUTE_WGS * sizes.block_q_bwd,
-                       sizes.block_k_dq)
+    summary = (_summary(static.mask, q_len, kv_len, _COMPUTE_WGS * sizes.block_q_bwd,
+                        sizes.block_k_dq) if summaries is None else summaries[1])
     visited = _visited(summary, _COMPUTE_WGS * sizes.block_q_bwd, sizes.block_k_dq,
                        qp.shape[1], kp.shape[1])
     dbias = jnp.where(visited, dbias, 0.0)[:, :, :q_len, :kv_len]
@@ -962,7 +1007,8 @@ def _attention_bwd(static, q_len, kv_len, res, do):
     dslopes = -dslope_rows[:, :, :q_len].sum((0, 2)).astype(slopes.dtype)
   return (dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len], dsinks, dbias_out, dslopes,
           _int_cotangent(qs if qs is None else qs[:, :q_len]),
-          _int_cotangent(ks if ks is None else ks[:, :kv_len]))
+          _int_cotangent(ks if ks is None else ks[:, :kv_len]),
+          None if summaries is None else tuple(_int_cotangent(x) for x in summaries))
 
 
 _attention = jax.custom_vjp(_attention_plain, nondiff_argnums=(0, 1, 2))
@@ -987,7 +1033,7 @@ def _smem_needs(sizes, head_dim, itemsize, has_bias):
 
 def flash_attention(q, k, v, *, scale, soft_cap=None, sinks=None, mask=None,
                     q_segment_ids=None, kv_segment_ids=None, bias=None, alibi_slopes=None,
-                    block_sizes=None, interpret=False):
+                    block_mask=None, block_sizes=None, interpret=False):
   """Softmax attention on a Hopper GPU, differentiable in q, k, v, sinks, bias and slopes.
 
   Args:
@@ -1007,6 +1053,10 @@ def flash_attention(q, k, v, *, scale, soft_cap=None, sinks=None, mask=None,
       comes from a launch of its own that XLA drops when it is not needed.
     alibi_slopes: ``[N]`` float: ALiBi's ``-slopes[n] * |i - j|`` added to the logits,
       computed in registers.
+    block_mask: None or a dynamic mask (arrays known at run time) with a jnp
+      ``block_summary(T, S, rows, cols)``: its EMPTY blocks are skipped (the lists are
+      built on the device). It only skips blocks: its elements must also reach the kernel,
+      as ``-inf`` entries of ``bias``.
     block_sizes: :class:`BlockSizes`.
     interpret: run on CPU through the Mosaic GPU interpreter (tests).
 
@@ -1055,5 +1105,6 @@ def flash_attention(q, k, v, *, scale, soft_cap=None, sinks=None, mask=None,
                    kv_len, num_heads // k.shape[2], sinks is not None,
                    q_segment_ids is not None, block_sizes, bool(interpret),
                    bias_dims=bias_dims, has_alibi=alibi_slopes is not None)
+  summaries = _dynamic_summaries(static, block_mask, q_len, kv_len)
   return _attention(static, q_len, kv_len, q, k, v, sinks, bias, alibi_slopes,
-                    q_segment_ids, kv_segment_ids)
+                    q_segment_ids, kv_segment_ids, summaries)

@@ -243,7 +243,7 @@ def _latest(valid):
 
 
 def _block_lists(cfg: _Config, bq: int, bk: int, q_lens, kv_lens, ids,
-                 transpose: bool) -> _Lists:
+                 transpose: bool, extra_live=None) -> _Lists:
   """The live blocks of every grid row of one pass, per batch.
 
   Row ``r`` (a query block, or a key block when ``transpose``) lists its ``counts[b, r]``
@@ -251,7 +251,8 @@ def _block_lists(cfg: _Config, bq: int, bk: int, q_lens, kv_lens, ids,
   the block of the latest live step in grid order, and ``rows`` sends a row with none to
   the latest live row, so a skipped step keeps the block indices the pipeline already
   holds and no DMA is issued for it. (A batch row with no live block at all still loads
-  one block per head at its first step, and computes nothing.)
+  one block per head at its first step, and computes nothing.) ``extra_live``: None or a
+  ``[q_pad // bq, kv_pad // bk]`` bool of the blocks a dynamic mask leaves non-empty.
   """
   summary = cfg.summary(bq, bk)
   nq, nk = summary.shape
@@ -266,6 +267,8 @@ def _block_lists(cfg: _Config, bq: int, bk: int, q_lens, kv_lens, ids,
     q_lo, q_hi = _block_range(ids[0], bq)
     kv_lo, kv_hi = _block_range(ids[1], bk)
     live &= (q_lo[:, :, None] <= kv_hi[:, None, :]) & (kv_lo[:, None, :] <= q_hi[:, :, None])
+  if extra_live is not None:
+    live &= extra_live[None]
   codes_all = jnp.asarray(summary, jnp.int32)
   if transpose:
     live, codes_all = live.transpose(0, 2, 1), codes_all.T
@@ -886,29 +889,35 @@ def _row_sums(cfg: _Config, a, b):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens):
-  """Attention on kernel-layout, padded arrays (the layout change is differentiated by JAX)."""
-  return _attention_fwd(cfg, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens)[0]
+def _attention(cfg, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens, live):
+  """Attention on kernel-layout, padded arrays (the layout change is differentiated by JAX).
+  ``live``: None or the (forward, dq, dk/dv) blocks a dynamic mask leaves non-empty."""
+  return _attention_fwd(cfg, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens, live)[0]
 
 
-def _attention_fwd(cfg, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens):
-  lists = _block_lists(cfg, *cfg.fwd, q_lens, kv_lens, ids, transpose=False)
+def _attention_fwd(cfg, q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens, live):
+  live_or_none = (None,) * 3 if live is None else live
+  lists = _block_lists(cfg, *cfg.fwd, q_lens, kv_lens, ids, transpose=False,
+                       extra_live=live_or_none[0])
   o, lse = _launch(cfg, _forward, (q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens, lists),
                    (_SEQ,) * 3 + (_PER_HEAD,) * 2 + (_bias_dims(cfg),) + (_PER_BATCH,) * 4,
                    (_SEQ, _BATCH_HEAD))
-  return o, (q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens, o, lse)
+  return o, (q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens, o, lse, live)
 
 
 def _attention_bwd(cfg, res, do):
-  q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens, o, lse = res
+  q, k, v, sinks, slopes, bias, ids, q_lens, kv_lens, o, lse, live = res
+  live_or_none = (None,) * 3 if live is None else live
   # D = rowsum(dO * o) (FlashAttention-2 Alg. 2); padded and dead rows have o = 0, D = 0.
   delta = _row_sums(cfg, do, o)
   lse_rows, delta_rows = lse[:, :, None, :], delta[:, :, None, :]
   grad_args = (q, k, v, do, lse_rows, delta_rows, slopes, bias, ids, q_lens, kv_lens)
   grad_dims = ((_SEQ,) * 4 + (_BATCH_HEAD,) * 2 + (_PER_HEAD, _bias_dims(cfg))
                + (_PER_BATCH,) * 4)
-  dq_lists = _block_lists(cfg, *cfg.dq, q_lens, kv_lens, ids, transpose=False)
-  dkv_lists = _block_lists(cfg, *cfg.dkv, q_lens, kv_lens, ids, transpose=True)
+  dq_lists = _block_lists(cfg, *cfg.dq, q_lens, kv_lens, ids, transpose=False,
+                          extra_live=live_or_none[1])
+  dkv_lists = _block_lists(cfg, *cfg.dkv, q_lens, kv_lens, ids, transpose=True,
+                           extra_live=live_or_none[2])
   dq, *dslope_parts = _launch(cfg, _dq_pass, grad_args + (dq_lists,), grad_dims,
                               (_SEQ,) + (_BATCH_HEAD,) * cfg.has_alibi)
   dk, dv = _launch(cfg, _dkv_pass, grad_args + (dkv_lists,), grad_dims, (_SEQ, _SEQ))
@@ -927,7 +936,7 @@ def _attention_bwd(cfg, res, do):
     dsinks = -(p_sink * delta).sum((0, 2)).astype(sinks.dtype)
   if dslopes is not None:
     dslopes = dslopes.astype(slopes.dtype)
-  return dq, dk, dv, dsinks, dslopes, dbias, None, None, None
+  return dq, dk, dv, dsinks, dslopes, dbias, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -976,7 +985,7 @@ def _check_bias(bias, batch, num_heads, q_len, kv_len):
 
 def flash_attention(q, k, v, *, scale: float, soft_cap: float | None = None, sinks=None,
                     mask=None, q_segment_ids=None, kv_segment_ids=None, q_lengths=None,
-                    kv_lengths=None, alibi_slopes=None, bias=None,
+                    kv_lengths=None, alibi_slopes=None, bias=None, block_mask=None,
                     block_sizes: BlockSizes | None = None, interpret=False):
   """Softmax attention as Mosaic TPU kernels, differentiable in q, k, v, sinks, slopes and
   bias.
@@ -999,6 +1008,9 @@ def flash_attention(q, k, v, *, scale: float, soft_cap: float | None = None, sin
       the soft cap: ``c tanh(scale q k^T / c) + bias - slope |i - j|``. Entries may be
       -inf (excluded pairs, whole rows included). Read in its dtype, added in float32;
       its gradient (summed over a broadcast axis) comes in its dtype.
+    block_mask: None or a dynamic mask with a jnp ``block_summary(T, S, bq, bk)``; its
+      EMPTY blocks are skipped like those of ``mask``. It only skips blocks: its elements
+      must also reach the kernel (as ``-inf`` entries of ``bias``).
     block_sizes: ``BlockSizes``; defaults to ``BlockSizes()``.
     interpret: False on TPU; ``pltpu.InterpretParams()`` runs the kernels on CPU.
 
@@ -1086,9 +1098,16 @@ def flash_attention(q, k, v, *, scale: float, soft_cap: float | None = None, sin
     bias = jnp.asarray(bias)
     if (q_pad, kv_pad) != (q_len, kv_len):
       bias = jnp.pad(bias, ((0, 0), (0, 0), (0, q_pad - q_len), (0, kv_pad - kv_len)))
+  live = None
+  if block_mask is not None:
+    def non_empty(bq, bk):
+      codes = jnp.asarray(block_mask.block_summary(q_len, kv_len, bq, bk))
+      return jnp.pad(codes != EMPTY, ((0, q_pad // bq - codes.shape[0]),
+                                      (0, kv_pad // bk - codes.shape[1])))
+    live = (non_empty(*cfg.fwd), non_empty(*cfg.dq), non_empty(*cfg.dkv))
   lanes = cfg.heads_in_lanes
   o = _attention(cfg, _view(q, q_pad, lanes), _view(k, kv_pad, lanes),
                  _view(v, kv_pad, lanes), None if sinks is None else jnp.asarray(sinks),
                  None if alibi_slopes is None else jnp.asarray(alibi_slopes), bias, ids,
-                 clip_lengths(q_lengths, q_len), clip_lengths(kv_lengths, kv_len))
+                 clip_lengths(q_lengths, q_len), clip_lengths(kv_lengths, kv_len), live)
   return _unview(o, q_len, num_heads, lanes)

@@ -123,6 +123,39 @@ def test_interpreted_empty_blocks_are_never_used(rng):
   assert suite.rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < 1e-2
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_empty_blocks_of_a_mask_array_are_never_used(backend, rng):
+  """A boolean mask array reaches the kernels as a -inf bias, and its EMPTY blocks (from
+  its block summary, on the device) are skipped: keys past 128, which it never allows,
+  are NaN-poisoned and would turn the output and dq NaN if any pass loaded them."""
+  if backend == "gpu" and not _interpret.available():
+    pytest.skip("this jax has no Mosaic GPU interpreter")
+  q_len, kv_len = 70, 400
+  q = jnp.asarray(rng.standard_normal((1, q_len, 2, 64)), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((1, kv_len, 1, 64)), jnp.bfloat16)
+  v = jnp.asarray(rng.standard_normal((1, kv_len, 1, 64)), jnp.bfloat16)
+  allowed = rng.random((1, 1, q_len, kv_len)) < 0.5
+  allowed[..., 100:] = False
+  allowed[..., 0] = True
+  mask = jnp.asarray(allowed)
+  k_bad, v_bad = k.at[:, 128:].set(jnp.nan), v.at[:, 128:].set(jnp.nan)
+
+  # 64-key blocks for the TPU kernel too (its default 512 would hold every key).
+  sizes = tpu_kernel.BlockSizes(*(64,) * 6) if backend == "tpu" else None
+
+  def loss(q, k, v, implementation):
+    out = ops.dot_product_attention(q, k, v, mask=mask, implementation=implementation,
+                                    block_sizes=sizes if implementation == "pallas" else None)
+    return jnp.sum(out.astype(jnp.float32) ** 2), out
+
+  with softmax_pallas.interpret_kernels(backend):
+    (_, out), dq = jax.value_and_grad(loss, has_aux=True)(q, k_bad, v_bad, "pallas")
+  (_, ref), dq_ref = jax.value_and_grad(loss, has_aux=True)(q, k, v, "reference")
+  assert bool(jnp.all(jnp.isfinite(out))) and bool(jnp.all(jnp.isfinite(dq)))
+  assert suite.rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < 1e-2
+  assert suite.rel_err(dq.astype(jnp.float32), dq_ref.astype(jnp.float32)) < 1e-2
+
+
 # ----------------------------------------------------------------- what it refuses
 
 
