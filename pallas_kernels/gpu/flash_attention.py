@@ -41,6 +41,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import partition
 from pallas_kernels.gpu import _interpret
+from pallas_kernels.gpu import tiles
 
 LOG2E = math.log2(math.e)
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -140,79 +141,14 @@ def _lists(summary, n):
 # ------------------------------------------------------------------------- in-kernel
 
 
-def _swizzled(shape, dtype):
-  """Shared memory for a wgmma operand: 64-element rows of 16-bit values, 128B swizzle."""
-  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
-                                              plgpu.SwizzleTransform(128)))
-
-
-def _cast(x, layout, interpret):
-  """Fix the register layout of ``x`` (the interpreter has no layouts and no layout_cast)."""
-  return x if interpret else plgpu.layout_cast(x, layout)
-
-
-def _load(ref, layout, interpret, optimized=True):
-  """A shared-memory vector or tile into registers in ``layout`` (``optimized=False``
-  for an untiled float32 tile, which the vectorised path does not take)."""
-  return ref[...] if interpret else plgpu.load(ref, (), layout=layout, optimized=optimized)
-
-
-def _zeros(shape, interpret):
-  return _cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA, interpret)
-
-
-def _full_rows(n, value, interpret):
-  return _cast(jnp.full((n,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1), interpret)
-
-
-def _matmul(a, b, shape, interpret, transpose_b=False, after_issue=None):
-  """``a @ b`` (``a @ b.T`` with ``transpose_b``) into a fresh float32 accumulator.
-
-  ``a`` is a shared-memory ref or a register array, ``b`` a shared-memory ref. The
-  interpreter's wgmma takes no transposed operand, so interpreted runs multiply with
-  ``jnp.dot`` at float32 accumulation instead: the same arithmetic."""
-  if interpret:
-    a = a[...] if not isinstance(a, jax.Array) else a
-    b = b[...].T if transpose_b else b[...]
-    out = jnp.dot(a, b, preferred_element_type=jnp.float32)
-    if after_issue is not None:
-      after_issue()
-    return out
-  b = plgpu.transpose_ref(b, (1, 0)) if transpose_b else b
-  def body(acc):
-    plgpu.wgmma(acc, a, b)
-    if after_issue is not None:
-      after_issue()  # runs while the product is in flight
-    return acc[...]
-  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-
-def _matmul_add(acc, a, b, interpret, transpose_b=False):
-  """``acc + a @ b``, accumulated in place by the tensor cores (no ``run_state`` in the
-  interpreter: it adds a fresh product)."""
-  if interpret:
-    return acc + _matmul(a, b, acc.shape, interpret, transpose_b)
-  b = plgpu.transpose_ref(b, (1, 0)) if transpose_b else b
-  def body(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
-  return pl.run_state(body)(plgpu.ACC.init(acc))
-
-
-def _matmul_pair(first, second, interpret):
-  """Two products issued together and waited for once: ``first = (acc, a, b, transpose_b)``
-  accumulates into ``acc`` (None: a fresh accumulator of ``shape``), likewise ``second``.
-  Each entry is ``(acc_or_shape, a, b, transpose_b)``; returns the two results."""
-  if interpret:
-    return tuple(_matmul(a, b, x, interpret, t) if isinstance(x, tuple) else
-                 _matmul_add(x, a, b, interpret, t) for x, a, b, t in (first, second))
-  accs = tuple(plgpu.ACC.init(_zeros(x, False)) if isinstance(x, tuple) else plgpu.ACC.init(x)
-               for x, _, _, _ in (first, second))
-
-  def body(refs):
-    for ref, (_, a, b, t) in zip(refs, (first, second)):
-      plgpu.wgmma(ref, a, plgpu.transpose_ref(b, (1, 0)) if t else b)
-
-  return pl.run_state(body)(accs)
+_swizzled = tiles.swizzled
+_cast = tiles.cast
+_load = tiles.load
+_zeros = tiles.zeros
+_full_rows = tiles.full_rows
+_matmul = tiles.matmul
+_matmul_add = tiles.matmul_add
+_matmul_pair = tiles.matmul_pair
 
 
 def _positions(static, q_base, kv_base, shape, transposed):

@@ -1,0 +1,111 @@
+"""In-kernel helpers shared by the Mosaic GPU kernels: shared-memory tiles for wgmma,
+register layouts, and matrix products that also run in the Mosaic GPU interpreter.
+
+The interpreter of jax 0.10.2 has no register layouts, no ``layout_cast`` and no
+transposed wgmma operands, so every helper takes ``interpret`` and, when it is set, does
+the same arithmetic with ``jnp`` (float32 accumulation) instead.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+
+def swizzled(shape, dtype):
+  """Shared memory for a wgmma operand or a TMA-staged tile: 128-byte rows (64 values of
+  16 bits, 32 of 32 bits), 128B swizzle."""
+  width = 128 // jnp.dtype(dtype).itemsize
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, width)),
+                                              plgpu.SwizzleTransform(128)))
+
+
+def cast(x, layout, interpret):
+  """Fix the register layout of ``x`` (the interpreter has no layouts)."""
+  return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def load(ref, layout, interpret, optimized=True):
+  """A shared-memory vector or tile into registers in ``layout`` (``optimized=False``
+  for an untiled float32 tile, which the vectorised path does not take)."""
+  return ref[...] if interpret else plgpu.load(ref, (), layout=layout, optimized=optimized)
+
+
+def zeros(shape, interpret):
+  return cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA, interpret)
+
+
+def full_rows(n, value, interpret):
+  return cast(jnp.full((n,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1), interpret)
+
+
+def iota(shape, dim, interpret):
+  return cast(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA, interpret)
+
+
+def rows(vector, shape):
+  """A per-row vector (``Layout.WGMMA.reduce(1)``) broadcast over the columns."""
+  return lax.broadcast_in_dim(vector, shape, [0])
+
+
+def cols(vector, shape):
+  """A per-column vector (``Layout.WGMMA.reduce(0)``) broadcast over the rows."""
+  return lax.broadcast_in_dim(vector, shape, [1])
+
+
+def _value(x, transpose):
+  x = x if isinstance(x, jax.Array) else x[...]
+  return x.T if transpose else x
+
+
+def matmul(a, b, shape, interpret, transpose_b=False, after_issue=None, transpose_a=False):
+  """``a @ b`` into a fresh float32 accumulator of ``shape`` (``transpose_a`` /
+  ``transpose_b``: multiply by the transposed shared-memory tile).
+
+  ``a`` is a shared-memory ref or a register array, ``b`` a shared-memory ref."""
+  if interpret:
+    out = jnp.dot(_value(a, transpose_a), _value(b, transpose_b),
+                  preferred_element_type=jnp.float32)
+    if after_issue is not None:
+      after_issue()
+    return out
+  a = plgpu.transpose_ref(a, (1, 0)) if transpose_a else a
+  b = plgpu.transpose_ref(b, (1, 0)) if transpose_b else b
+  def body(acc):
+    plgpu.wgmma(acc, a, b)
+    if after_issue is not None:
+      after_issue()  # runs while the product is in flight
+    return acc[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def matmul_add(acc, a, b, interpret, transpose_b=False, transpose_a=False):
+  """``acc + a @ b``, accumulated in place by the tensor cores (the interpreter adds a
+  fresh product)."""
+  if interpret:
+    return acc + matmul(a, b, acc.shape, interpret, transpose_b, transpose_a=transpose_a)
+  a = plgpu.transpose_ref(a, (1, 0)) if transpose_a else a
+  b = plgpu.transpose_ref(b, (1, 0)) if transpose_b else b
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+  return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def matmul_pair(first, second, interpret):
+  """Two products issued together and waited for once. Each entry is
+  ``(acc_or_shape, a, b, transpose_b)``: a tuple shape starts a fresh accumulator, an
+  array accumulates into it. Returns the two results."""
+  if interpret:
+    return tuple(matmul(a, b, x, interpret, t) if isinstance(x, tuple) else
+                 matmul_add(x, a, b, interpret, t) for x, a, b, t in (first, second))
+  accs = tuple(plgpu.ACC.init(zeros(x, False)) if isinstance(x, tuple) else plgpu.ACC.init(x)
+               for x, _, _, _ in (first, second))
+
+  def body(refs):
+    for ref, (_, a, b, t) in zip(refs, (first, second)):
+      plgpu.wgmma(ref, a, plgpu.transpose_ref(b, (1, 0)) if t else b)
+
+  return pl.run_state(body)(accs)
