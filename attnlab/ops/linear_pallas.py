@@ -1,35 +1,58 @@
 """Chunked linear attention, pallas tier: the Mosaic TPU kernels of
-``pallas_kernels/tpu/chunked_linear.py``.
+``pallas_kernels/tpu/chunked_linear.py`` and the Mosaic GPU kernel of
+``pallas_kernels/gpu/chunked_linear.py``.
 
 One entry point serves the six ops of ``attnlab.ops.linear_attention``, chosen by the
 canonical call's gates: no gate and no ``beta`` (``linear_attn``) and a ``[B, T, H]`` gate
 (``retention``, ``simple_gla``) run the simple GLA kernel (zeros as the gate of plain
 linear attention); a ``[B, T, H, K]`` gate runs the GLA kernel; ``beta`` runs the delta-rule
 kernels (with or without the gate). Packed documents restart the state inside the
-kernels; float32 states and accumulation; q / k / v bfloat16 or float32.
+kernels; float32 states and accumulation.
 
-On a TPU the tier runs compiled; it is tested on CPU in TPU interpret mode
-(``attnlab.ops.pallas_target.interpret_kernels("tpu")``) and, like the softmax kernel,
-joins automatic dispatch only once it has run on a TPU. The Mosaic GPU kernels of these
-ops are not written yet: on a GPU the tier refuses with that reason.
+* TPU: all six ops, q / k / v bfloat16 or float32, chunk sizes a multiple of 16. Tested
+  on CPU in TPU interpret mode (``attnlab.ops.pallas_target.interpret_kernels("tpu")``);
+  joins automatic dispatch only once it has run on a TPU.
+* GPU (Hopper): the simple-GLA family (``linear_attn``, ``retention``, ``simple_gla``) with
+  q / k / v bfloat16 or float16, key head dim 64 or 128, value head dim a multiple of 64,
+  chunks of 64. GLA and the delta rules have no Mosaic GPU kernel yet: the tier refuses
+  them with that reason and automatic dispatch runs xla. Tested on an H100 and, on CPU,
+  in the Mosaic GPU interpreter (``interpret_kernels("gpu")``).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from attnlab.ops.pallas_target import kernel_target
+from attnlab.ops.pallas_target import kernel_target, not_hopper_reason
+from pallas_kernels.gpu import chunked_linear as gpu_linear
 from pallas_kernels.tpu import chunk_math
 from pallas_kernels.tpu import chunked_linear
+
+
+def _gpu_supports(call) -> str | None:
+  if call.beta is not None or (call.g is not None and call.g.ndim == 4):
+    return ("the Mosaic GPU chunked kernels cover the simple GLA family (linear_attn, "
+            "retention, simple_gla); GLA and the delta rules are not written yet")
+  if call.q.dtype not in gpu_linear.DTYPES or call.k.dtype != call.q.dtype \
+      or call.v.dtype != call.q.dtype:
+    return (f"the GPU kernel takes q, k, v all bfloat16 or all float16 (wgmma operands), "
+            f"got {call.q.dtype}, {call.k.dtype}, {call.v.dtype}")
+  if call.q.shape[-1] not in gpu_linear.KEY_DIMS or call.v.shape[-1] % gpu_linear.BLOCK_V:
+    return (f"the GPU kernel takes key head dims {gpu_linear.KEY_DIMS} and value head dims "
+            f"that are multiples of {gpu_linear.BLOCK_V}, got K={call.q.shape[-1]}, "
+            f"V={call.v.shape[-1]}")
+  if call.chunk_size != gpu_linear.CHUNK:
+    return f"the GPU kernel's chunk is {gpu_linear.CHUNK} tokens, got {call.chunk_size}"
+  return None
 
 
 def linear_pallas_supports(call) -> str | None:
   """None when the current backend's kernel can run ``call``, else the reason."""
   backend, _ = kernel_target()
   if backend is None:
-    return "the chunked linear kernels run on TPU (Mosaic TPU); this backend has none"
+    return "the chunked linear kernels run on TPU (Mosaic TPU) or GPU (Mosaic GPU)"
   if backend == "gpu":
-    return "the Mosaic GPU chunked linear kernels are not written yet; the xla tier runs"
+    return _gpu_supports(call)
   if call.q.dtype not in (jnp.bfloat16, jnp.float32) or call.k.dtype != call.q.dtype \
       or call.v.dtype != call.q.dtype:
     return (f"the TPU kernels take q, k, v all bfloat16 or all float32, got "
@@ -41,7 +64,12 @@ def linear_pallas_supports(call) -> str | None:
 
 
 def linear_pallas_automatic(call) -> str | None:
-  del call
+  backend, interpret = kernel_target()
+  if backend == "gpu" and not interpret:
+    # Tested compiled on an H100 for everything _gpu_supports lets through.
+    return not_hopper_reason()
+  if backend == "gpu":
+    return "interpreted kernels are for tests; name implementation='pallas'"
   return "the TPU kernels have run in interpret mode only; name implementation='pallas'"
 
 
@@ -50,17 +78,20 @@ def linear_recurrence_pallas(q, k, v, g=None, beta=None, *, scale, initial_state
   """Same arguments and result as the other tiers: ``(o [B, T, H, V], final [B, H, K, V]
   float32)``, ``o`` in v's dtype."""
   backend, interpret = kernel_target()
-  if backend != "tpu":
-    raise ValueError(linear_pallas_supports(None) if backend is None else
-                     "the Mosaic GPU chunked linear kernels are not written yet")
+  if backend is None:
+    raise ValueError("the chunked linear kernels run on TPU (Mosaic TPU) or GPU (Mosaic GPU)")
   common = dict(scale=scale, initial_state=initial_state, output_final_state=True,
                 segment_ids=segment_ids, chunk_size=chunk_size, interpret=interpret)
+  if g is None and beta is None:
+    g = jnp.zeros(q.shape[:3], jnp.float32)  # plain linear attention: no decay
+  if backend == "gpu":
+    if beta is not None or g.ndim == 4:
+      raise ValueError("the Mosaic GPU chunked kernels cover the simple GLA family only")
+    return gpu_linear.simple_gla(q, k, v, g, **common)
   if beta is not None:
     if g is None:
       return chunked_linear.delta_rule(q, k, v, beta, **common)
     return chunked_linear.gated_delta_rule(q, k, v, g, beta, **common)
-  if g is not None and g.ndim == 4:
+  if g.ndim == 4:
     return chunked_linear.gla(q, k, v, g, **common)
-  if g is None:
-    g = jnp.zeros(q.shape[:3], jnp.float32)  # plain linear attention: no decay
   return chunked_linear.simple_gla(q, k, v, g, **common)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import jax
+
 from attnlab.ops import registry
 
 KERNEL_BACKENDS = ("gpu", "tpu")
@@ -34,3 +36,12 @@ def kernel_target() -> tuple[str | None, bool]:
     return interpret, True
   backend = registry.current_backend()
   return (backend, False) if backend in KERNEL_BACKENDS else (None, False)
+
+
+def not_hopper_reason() -> str | None:
+  """Why the Mosaic GPU kernels (sm_90a instructions: wgmma, TMA) cannot run compiled on
+  this machine's first device, or None on a Hopper GPU."""
+  capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+  if not capability.startswith("9"):
+    return f"the GPU kernels are built for Hopper (sm_90), this GPU is sm_{capability}"
+  return None

@@ -35,7 +35,7 @@ import numpy as np
 from attnlab.ops import masks as masks_lib
 from attnlab.ops import registry
 from attnlab.ops.pallas_target import (KERNEL_BACKENDS, interpret_kernels,  # noqa: F401 (re-exported)
-                                       kernel_target)
+                                       kernel_target, not_hopper_reason)
 from pallas_kernels.gpu import flash_attention as gpu_flash_attention
 from pallas_kernels.tpu import flash_attention as tpu_flash_attention
 
@@ -93,10 +93,7 @@ def pallas_automatic(call) -> str | None:
     return None
   if backend == "tpu":
     return "the TPU kernel has run in interpret mode only; name implementation='pallas'"
-  capability = str(getattr(jax.devices()[0], "compute_capability", ""))
-  if backend == "gpu" and not capability.startswith("9"):
-    return f"the GPU kernel is built for Hopper (sm_90), this GPU is sm_{capability}"
-  return None
+  return not_hopper_reason() if backend == "gpu" else None
 
 
 def pallas_supports(call) -> str | None:

@@ -575,6 +575,50 @@ class TestPallasTpuInterpret(LinearAttentionSuite):
       yield
 
 
+class TestPallasGpu(LinearAttentionSuite):
+  """The pallas tier on an H100: the Mosaic GPU simple-GLA kernel, compiled, on the
+  suite's bfloat16 cases of the simple GLA family (its dtypes; key and value head dims
+  of 64, chunks of 64). The float32 cases and GLA / the delta rules are refused with a
+  reason (checked in ``test_pallas_tier_says_why_it_cannot_run``). On CPU the kernel runs
+  interpreted in ``tests/pallas_kernels/gpu/test_chunked_linear.py``."""
+
+  implementation = "pallas"
+  chunk_sizes = (64,)
+
+  @pytest.fixture(autouse=True)
+  def _gpu(self):
+    if jax.default_backend() != "gpu":
+      pytest.skip("compiled Mosaic GPU kernels need an H100")
+
+  sweep_chunk_sizes = (64,)
+
+  def check(self, case, rng, dtype=jnp.bfloat16, chunk_size=None):
+    if case.op not in GPU_OPS:
+      pytest.skip(f"no Mosaic GPU kernel for {case.op} yet (refused with a reason)")
+    if normalize in case.features:
+      pytest.skip("normalize adds a value column (V = 65): refused by the GPU kernel")
+    case = dataclasses.replace(case, key_dim=64, value_dim=64)
+    return super().check(case, rng, jnp.bfloat16, chunk_size)
+
+  # The suite's remaining properties build float32 problems, which the GPU kernel refuses.
+  _F32_ONLY = "a float32 property test: the GPU kernel takes bfloat16 / float16"
+
+  def test_packed_documents_equal_documents_one_by_one(self, op, rng):
+    pytest.skip(self._F32_ONLY)
+
+  def test_prefill_then_decode(self, op, rng):
+    pytest.skip(self._F32_ONLY)
+
+  def test_jit_matches_eager(self, case, rng):
+    pytest.skip(self._F32_ONLY)
+
+  def test_gradients_are_causal_and_stay_in_the_document(self, case, rng):
+    pytest.skip(self._F32_ONLY)
+
+
+GPU_OPS = ("linear_attn", "retention", "simple_gla")
+
+
 # ---------------------------------------------------------------------- decode steps
 
 
@@ -621,7 +665,7 @@ def test_mechanisms_and_tiers_are_registered():
 
 def test_pallas_tier_says_why_it_cannot_run(rng):
   """Without a TPU (or its interpreter) the kernels refuse with the reason, and so does a
-  GPU (no Mosaic GPU chunked kernels yet) and an odd chunk size; automatic dispatch never
+  GPU for float32 (and for GLA: no Mosaic GPU kernel yet) and an odd chunk size; automatic dispatch never
   picks the interpret-only kernels."""
   problem = Case("refused", "simple_gla", 33, 1.0).problem(rng)
   call = lambda **kw: ops.simple_gla(**problem.diff, **problem.static, **kw)
@@ -629,8 +673,11 @@ def test_pallas_tier_says_why_it_cannot_run(rng):
     with pytest.raises(ValueError, match="run on TPU"):
       call(implementation="pallas")
   with pallas_target.interpret_kernels("gpu"):
-    with pytest.raises(ValueError, match="not written yet"):
+    with pytest.raises(ValueError, match="bfloat16 or all float16"):
       call(implementation="pallas")
+    gla = Case("refused_gla", "gla", 33, 1.0).problem(rng)
+    with pytest.raises(ValueError, match="GLA and the delta rules are not written yet"):
+      ops.gla(**gla.diff, **gla.static, implementation="pallas")
   with pallas_target.interpret_kernels("tpu"):
     with pytest.raises(ValueError, match="multiples of 16"):
       call(implementation="pallas", chunk_size=24)
