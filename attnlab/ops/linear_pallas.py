@@ -13,7 +13,7 @@ kernels; float32 states and accumulation.
   on CPU in TPU interpret mode (``attnlab.ops.pallas_target.interpret_kernels("tpu")``);
   joins automatic dispatch only once it has run on a TPU.
 * GPU (Hopper): the simple-GLA family (``linear_attn``, ``retention``, ``simple_gla``) with
-  q / k / v bfloat16 or float16, key head dim 64 or 128, value head dim a multiple of 64,
+  q / k / v bfloat16 or float16, key and value head dims 64 or 128,
   chunks of 64. GLA and the delta rules have no Mosaic GPU kernel yet: the tier refuses
   them with that reason and automatic dispatch runs xla. Tested on an H100 and, on CPU,
   in the Mosaic GPU interpreter (``interpret_kernels("gpu")``).
@@ -28,6 +28,8 @@ from pallas_kernels.gpu import chunked_linear as gpu_linear
 from pallas_kernels.tpu import chunk_math
 from pallas_kernels.tpu import chunked_linear
 
+MIN_GPU_LENGTH = 17
+
 
 def _gpu_supports(call) -> str | None:
   if call.beta is not None or (call.g is not None and call.g.ndim == 4):
@@ -37,10 +39,14 @@ def _gpu_supports(call) -> str | None:
       or call.v.dtype != call.q.dtype:
     return (f"the GPU kernel takes q, k, v all bfloat16 or all float16 (wgmma operands), "
             f"got {call.q.dtype}, {call.k.dtype}, {call.v.dtype}")
-  if call.q.shape[-1] not in gpu_linear.KEY_DIMS or call.v.shape[-1] % gpu_linear.BLOCK_V:
+  if call.q.shape[-1] not in gpu_linear.KEY_DIMS or \
+      call.v.shape[-1] not in gpu_linear.VALUE_DIMS:
     return (f"the GPU kernel takes key head dims {gpu_linear.KEY_DIMS} and value head dims "
-            f"that are multiples of {gpu_linear.BLOCK_V}, got K={call.q.shape[-1]}, "
-            f"V={call.v.shape[-1]}")
+            f"{gpu_linear.VALUE_DIMS}, got K={call.q.shape[-1]}, V={call.v.shape[-1]}")
+  if call.q.shape[1] < MIN_GPU_LENGTH and kernel_target() == ("gpu", False):
+    return (f"sequences shorter than {MIN_GPU_LENGTH} tokens (got {call.q.shape[1]}) run on "
+            f"xla: XLA 0.11.2 fails to compile the kernel's padding for T = 1, 2, 3 and 5 "
+            f"on an H100 (an emitter error); 17 and longer are verified")
   if call.chunk_size != gpu_linear.CHUNK:
     return f"the GPU kernel's chunk is {gpu_linear.CHUNK} tokens, got {call.chunk_size}"
   return None

@@ -27,17 +27,24 @@ is ``rowsum(P) - colsum(P)`` with ``P = dA * A`` over the strictly lower pairs (
 diagonal's exponent is 0): every term carries the decay of its own pair, so strong gates
 (-20 per token) lose nothing to cancellation.
 
-Kernels. One warpgroup per CTA, grid ``(V / 64, H, B)``: a CTA owns a 64-column block of
-the value dimension and walks the chunks in order (forward) or in reverse (backward),
-keeping its ``[K, 64]`` slice of the state (or of its gradient) in float32 registers, and
-prefetching the next chunk's tiles with TMA into the other of two shared-memory slots.
-Products are ``wgmma`` with float32 accumulators; the transposed products of the
-backward (``k q^T``, ``v dO^T``) are computed directly rather than transposing register
-tiles. The forward saves the state entering every chunk (``[B, H, T / C, K, V]`` in the
-input dtype) for the backward. The backward's dq and dk and the gate factors' gradients
-are partial sums over the value blocks (float32), added in XLA.
+Kernels (one warpgroup per CTA, ``wgmma`` with float32 accumulators, TMA copies):
 
-Inputs bfloat16 or float16; ``K`` 64 or 128 and ``V`` a multiple of 64. Runs on an
+* states, grid ``(V / 64, H, B)``: walks the chunks in order with a ``[K, 64]`` slice of
+  the state in float32 registers (one product per chunk, the next chunk's k / v copied
+  into the other of two shared-memory slots meanwhile); saves the state entering every
+  chunk (``[B, H, T / C, K, V]`` in the input dtype) and the final state.
+* output, grid ``(T / C, H, B)``: every chunk at once, from its saved state.
+* state gradients, grid ``(V / 64, H, B)``: walks the chunks in reverse with ``dS`` in
+  registers; saves the gradient of the state leaving every chunk and ``<S, dS>`` (the
+  gradient of ``e^{G}``); ends with the initial state's gradient.
+* gradients, grid ``(T / C, H, B)``: every chunk at once: dq, dk, dv and the gradients
+  of ``b``, ``e^{b}`` and ``e^{a}``. The transposed products (``k q^T``, ``v dO^T``) are
+  computed directly rather than transposing register tiles.
+
+Only the two walks are sequential, and each does one matrix product per chunk; the rest
+runs with ``T / C x H x B`` CTAs, so long sequences with small batches keep the GPU busy.
+
+Inputs bfloat16 or float16; ``K`` and ``V`` 64 or 128. Runs on an
 H100/H200 and, slowly, on CPU in the Mosaic GPU interpreter of jax 0.10.2.
 """
 
@@ -48,7 +55,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 import jax.experimental.pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -60,6 +66,7 @@ from pallas_kernels.gpu import tiles
 CHUNK = 64
 BLOCK_V = 64
 KEY_DIMS = (64, 128)
+VALUE_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16)
 _F32 = jnp.float32
 _ROW = plgpu.Layout.WGMMA.reduce(1)
@@ -80,17 +87,32 @@ def _vblock(vb):
   return pl.ds(vb * BLOCK_V, BLOCK_V)
 
 
-def _launch(static, kernel, inputs, out_type, scratch, batch, heads):
+def _launch(static, kernel, inputs, out_type, scratch, grid, grid_names):
   def entry(*refs):
     refs = dict(zip(list(inputs) + list(out_type), refs))
     pl.run_scoped(lambda *smem: kernel(static, refs, smem), *scratch)
 
   return plgpu.kernel(
-      entry, out_type=tuple(out_type.values()),
-      grid=(static.value_dim // BLOCK_V, heads, batch), grid_names=("vb", "head", "batch"),
+      entry, out_type=tuple(out_type.values()), grid=grid, grid_names=grid_names,
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret.params() if static.interpret else None,
   )(*inputs.values())
+
+
+def _sequential(static, kernel, inputs, out_type, scratch, batch, heads):
+  """A walk along the chunks: one CTA per (value block, head, batch row)."""
+  return _launch(static, kernel, inputs, out_type, scratch,
+                 (static.value_dim // BLOCK_V, heads, batch), ("vb", "head", "batch"))
+
+
+def _parallel(static, kernel, inputs, out_type, scratch, batch, heads):
+  """One CTA per (chunk, head, batch row), over the whole value dimension."""
+  return _launch(static, kernel, inputs, out_type, scratch,
+                 (static.num_chunks, heads, batch), ("chunk", "head", "batch"))
+
+
+def _chunk_position():
+  return tuple(lax.axis_index(n) for n in ("chunk", "head", "batch"))
 
 
 def _pair_decay(static, b_row, b_col, d_row, d_col, transposed):
@@ -108,227 +130,273 @@ def _pair_decay(static, b_row, b_col, d_row, d_col, transposed):
   return decay, t > s
 
 
-def _vectors(static, vec, vec_t, tot):
+def _vectors(static, vec, vec_t=None, tot=None):
   """The chunk's factor vectors in the row (and column) layouts. The column layout reads
   its own copy (``vec_t``): Mosaic GPU's layout inference finds no solution when one
   shared-memory buffer is loaded in both layouts."""
   ld = functools.partial(tiles.load, interpret=static.interpret)
-  return dict(b_row=ld(vec.at[0], _ROW), b_col=ld(vec_t.at[0], _COL),
-              into=ld(vec.at[1], _ROW), out_of=ld(vec.at[2], _ROW),
-              d_row=ld(vec.at[3], _ROW), d_col=ld(vec_t.at[3], _COL), tot=ld(tot, _ROW))
+  x = dict(b_row=ld(vec.at[0], _ROW), into=ld(vec.at[1], _ROW), out_of=ld(vec.at[2], _ROW),
+           d_row=ld(vec.at[3], _ROW))
+  if vec_t is not None:
+    x.update(b_col=ld(vec_t.at[0], _COL), d_col=ld(vec_t.at[3], _COL))
+  if tot is not None:
+    x["tot"] = ld(tot, _ROW)
+  return x
+
+
+def _copy_in(pairs, barrier):
+  for src, dst in pairs:
+    plgpu.copy_gmem_to_smem(src, dst, barrier)
+
+
+def _stage_out(static, x, dst):
+  """A float32 tile to HBM through its own shared-memory scope (freed on return)."""
+  def body(buf):
+    buf[...] = x
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(buf, dst)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  pl.run_scoped(body, tiles.swizzled(x.shape, _F32))
+
+
+def _load_f32(static, src, shape, barrier):
+  def body(buf):
+    plgpu.copy_gmem_to_smem(src, buf, barrier)
+    plgpu.barrier_wait(barrier)
+    return tiles.load(buf, _TILE, static.interpret)
+  return pl.run_scoped(body, tiles.swizzled(shape, _F32))
+
+
+def _walk(static, issue, first, step, carry, bar):
+  """``carry = step(c, slot, carry)`` over the chunks ``first(i)`` for i = 0..NC-1, with
+  the next chunk's tiles copied (``issue(c, slot)``) into the other of two slots while
+  the current one is used."""
+  nc = static.num_chunks
+  issue(first(0), 0)
+
+  def body(i, carry):
+    slot = lax.rem(i, 2)
+
+    @pl.when(i + 1 < nc)
+    def _prefetch():
+      issue(first(i + 1), 1 - slot)
+
+    plgpu.barrier_wait(bar.at[slot])
+    return step(first(i), slot, carry)
+
+  return lax.fori_loop(0, nc, body, carry)
 
 
 # --------------------------------------------------------------------------- forward
 
 
-def _forward_kernel(static, refs, scratch):
-  q_s, k_s, v_s, vec_s, vect_s, tot_s, h_s, kout_s, o_s, hf_s, bar, one = scratch
+def _states_kernel(static, refs, scratch):
+  """The state entering every chunk (saved in the input dtype) and the final state."""
+  k_s, v_s, vec_s, tot_s, h_s, kout_s, bar, one = scratch
   interp = static.interpret
   vb, head, batch = (lax.axis_index(n) for n in ("vb", "head", "batch"))
-  cols, nc, dtype = _vblock(vb), static.num_chunks, q_s.dtype
-  kd = static.key_dim
+  cols, dtype = _vblock(vb), k_s.dtype
 
   def issue(c, slot):
     rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
-    plgpu.copy_gmem_to_smem(refs["q"].at[rows], q_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(refs["k"].at[rows], k_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(refs["v"].at[rows + (cols,)], v_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(refs["vec"].at[batch, head, c], vec_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(refs["vec"].at[batch, head, c], vect_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(refs["tot"].at[batch, head, c], tot_s.at[slot], bar.at[slot])
+    _copy_in([(refs["k"].at[rows], k_s.at[slot]), (refs["v"].at[rows + (cols,)], v_s.at[slot]),
+              (refs["vec"].at[batch, head, c], vec_s.at[slot]),
+              (refs["tot"].at[batch, head, c], tot_s.at[slot])], bar.at[slot])
 
-  issue(0, 0)
-  plgpu.copy_gmem_to_smem(refs["h0"].at[batch, head, :, cols], hf_s, one)
-  plgpu.barrier_wait(one)
-  h = tiles.load(hf_s, _TILE, interp)
-
-  def step(c, h):
-    slot = lax.rem(c, 2)
-
-    @pl.when(c + 1 < nc)
-    def _prefetch():
-      issue(c + 1, 1 - slot)
-
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # h_s and o_s read by TMA
+  def step(c, slot, h):
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # h_s read by the last copy out
     h_s[...] = h.astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(h_s, refs["states"].at[batch, head, c, :, cols])
-    plgpu.barrier_wait(bar.at[slot])
-    x = _vectors(static, vec_s.at[slot], vect_s.at[slot], tot_s.at[slot])
-    scores = tiles.matmul(q_s.at[slot], k_s.at[slot], (CHUNK, CHUNK), interp, transpose_b=True)
-    decay, _ = _pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"], False)
-    a = (scores * decay * static.scale).astype(dtype)
-    o = tiles.matmul(q_s.at[slot], h_s, (CHUNK, BLOCK_V), interp)
-    o = o * tiles.rows(x["into"] * static.scale, o.shape)
-    o = tiles.matmul_add(o, a, v_s.at[slot], interp)
-    o_s[...] = o.astype(dtype)
+    x = _vectors(static, vec_s.at[slot], tot=tot_s.at[slot])
     kk = tiles.load(k_s.at[slot], _TILE, interp).astype(_F32)
     kout_s[...] = (kk * tiles.rows(x["out_of"], kk.shape)).astype(dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_s, refs["o"].at[batch, pl.ds(c * CHUNK, CHUNK), head, cols])
+    plgpu.copy_smem_to_gmem(h_s, refs["states"].at[batch, head, c, :, cols])
     h = h * tiles.rows(x["tot"], h.shape)
     return tiles.matmul_add(h, kout_s, v_s.at[slot], interp, transpose_a=True)
 
-  h = lax.fori_loop(0, nc, step, h)
+  h0 = _load_f32(static, refs["h0"].at[batch, head, :, cols], (static.key_dim, BLOCK_V), one)
+  h = _walk(static, issue, lambda i: i, step, h0, bar)
   plgpu.wait_smem_to_gmem(0)
-  hf_s[...] = h
+  _stage_out(static, h, refs["final"].at[batch, head, :, cols])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _output_kernel(static, refs, scratch):
+  """One chunk's output: ``((q k^T) * D) v scale + diag(e^b) q S scale``."""
+  q_s, k_s, v_s, h_s, vec_s, vect_s, o_s, bar = scratch
+  interp = static.interpret
+  c, head, batch = _chunk_position()
+  rows, dtype = (batch, pl.ds(c * CHUNK, CHUNK), head), q_s.dtype
+  _copy_in([(refs["q"].at[rows], q_s), (refs["k"].at[rows], k_s), (refs["v"].at[rows], v_s),
+            (refs["states"].at[batch, head, c], h_s),
+            (refs["vec"].at[batch, head, c], vec_s), (refs["vec"].at[batch, head, c], vect_s)],
+           bar)
+  plgpu.barrier_wait(bar)
+  x = _vectors(static, vec_s, vect_s)
+  scores = tiles.matmul(q_s, k_s, (CHUNK, CHUNK), interp, transpose_b=True)
+  decay, _ = _pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"], False)
+  a = (scores * decay * static.scale).astype(dtype)
+  o = tiles.matmul(q_s, h_s, (CHUNK, static.value_dim), interp)
+  o = o * tiles.rows(x["into"] * static.scale, o.shape)
+  o = tiles.matmul_add(o, a, v_s, interp)
+  o_s[...] = o.astype(dtype)
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(hf_s, refs["final"].at[batch, head, :, cols])
+  plgpu.copy_smem_to_gmem(o_s, refs["o"].at[rows])
   plgpu.wait_smem_to_gmem(0)
-  del kd
 
 
 def _forward(static, q, k, v, vec, tot, h0):
   b, tp, heads, kd = q.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
-  inputs = dict(q=q, k=k, v=v, vec=vec, tot=tot, h0=h0)
-  out_type = dict(o=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
-                  states=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
-                  final=jax.ShapeDtypeStruct((b, heads, kd, vd), _F32))
-  scratch = (tiles.swizzled((2, CHUNK, kd), dtype), tiles.swizzled((2, CHUNK, kd), dtype),
-             tiles.swizzled((2, CHUNK, BLOCK_V), dtype), plgpu.SMEM((2, 4, CHUNK), _F32),
-             plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, kd), _F32), tiles.swizzled((kd, BLOCK_V), dtype),
-             tiles.swizzled((CHUNK, kd), dtype), tiles.swizzled((CHUNK, BLOCK_V), dtype),
-             tiles.swizzled((kd, BLOCK_V), _F32), plgpu.Barrier(num_arrivals=6, num_barriers=2),
-             plgpu.Barrier())
-  fn = functools.partial(_launch, static, _forward_kernel, out_type=out_type,
-                         scratch=scratch, batch=b, heads=heads)
-  out = fn(inputs)
-  return out
+  two = lambda shape, dt=dtype: tiles.swizzled((2,) + shape, dt)
+  states, final = _sequential(
+      static, _states_kernel, dict(k=k, v=v, vec=vec, tot=tot, h0=h0),
+      dict(states=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
+           final=jax.ShapeDtypeStruct((b, heads, kd, vd), _F32)),
+      (two((CHUNK, kd)), two((CHUNK, BLOCK_V)), plgpu.SMEM((2, 4, CHUNK), _F32),
+       plgpu.SMEM((2, kd), _F32), tiles.swizzled((kd, BLOCK_V), dtype),
+       tiles.swizzled((CHUNK, kd), dtype), plgpu.Barrier(num_arrivals=4, num_barriers=2),
+       plgpu.Barrier()), b, heads)
+  (o,) = _parallel(
+      static, _output_kernel, dict(q=q, k=k, v=v, states=states, vec=vec),
+      dict(o=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype)),
+      (tiles.swizzled((CHUNK, kd), dtype), tiles.swizzled((CHUNK, kd), dtype),
+       tiles.swizzled((CHUNK, vd), dtype), tiles.swizzled((kd, vd), dtype),
+       plgpu.SMEM((4, CHUNK), _F32), plgpu.SMEM((4, CHUNK), _F32),
+       tiles.swizzled((CHUNK, vd), dtype), plgpu.Barrier(num_arrivals=6)), b, heads)
+  return o, states, final
 
 
 # -------------------------------------------------------------------------- backward
 
 
-def _backward_kernel(static, refs, scratch):
-  (q_s, k_s, v_s, do_s, hc_s, vec_s, vect_s, tot_s, dh_s, kq_s, dv_s, dvec_s, dtot_s,
-   bar, one) = scratch
+def _dstates_kernel(static, refs, scratch):
+  """The gradient of the state leaving every chunk (saved in the input dtype), walking
+  the chunks in reverse, and the initial state's gradient."""
+  q_s, do_s, h_s, vec_s, tot_s, dh_s, qin_s, dtot_s, bar, one = scratch
   interp = static.interpret
   vb, head, batch = (lax.axis_index(n) for n in ("vb", "head", "batch"))
-  cols, nc, dtype = _vblock(vb), static.num_chunks, q_s.dtype
-  scale = static.scale
-  tile_c = (CHUNK, static.key_dim)
+  cols, dtype, nc = _vblock(vb), q_s.dtype, static.num_chunks
 
   def issue(c, slot):
     rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
-    plgpu.copy_gmem_to_smem(refs["q"].at[rows], q_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(refs["k"].at[rows], k_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(refs["v"].at[rows + (cols,)], v_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(refs["do"].at[rows + (cols,)], do_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(refs["states"].at[batch, head, c, :, cols], hc_s.at[slot],
-                            bar.at[slot])
-    plgpu.copy_gmem_to_smem(refs["vec"].at[batch, head, c], vec_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(refs["vec"].at[batch, head, c], vect_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(refs["tot"].at[batch, head, c], tot_s.at[slot], bar.at[slot])
+    _copy_in([(refs["q"].at[rows], q_s.at[slot]), (refs["do"].at[rows + (cols,)], do_s.at[slot]),
+              (refs["states"].at[batch, head, c, :, cols], h_s.at[slot]),
+              (refs["vec"].at[batch, head, c], vec_s.at[slot]),
+              (refs["tot"].at[batch, head, c], tot_s.at[slot])], bar.at[slot])
 
-  def load_f32(src):
-    def body(buf):
-      plgpu.copy_gmem_to_smem(src, buf, one)
-      plgpu.barrier_wait(one)
-      return tiles.load(buf, _TILE, interp)
-    return pl.run_scoped(body, tiles.swizzled((static.key_dim, BLOCK_V), _F32))
-
-  def stage_f32(x, dst):
-    """A float32 tile to HBM through its own shared-memory scope (freed on return)."""
-    def body(buf):
-      buf[...] = x
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(buf, dst)
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    pl.run_scoped(body, tiles.swizzled(x.shape, _F32))
-
-  issue(nc - 1, 0)
-  dh = load_f32(refs["dfinal"].at[batch, head, :, cols])
-
-  def step(i, dh):
-    c = nc - 1 - i
-    slot = lax.rem(i, 2)
-
-    @pl.when(c > 0)
-    def _prefetch():
-      issue(c - 1, 1 - slot)
-
-    rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
+  def step(c, slot, dh):
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     dh_s[...] = dh.astype(dtype)
-    plgpu.commit_smem()
-    plgpu.barrier_wait(bar.at[slot])
-    q, k, v, d_o, hc = (r.at[slot] for r in (q_s, k_s, v_s, do_s, hc_s))
-    x = _vectors(static, vec_s.at[slot], vect_s.at[slot], tot_s.at[slot])
-
-    # dq: (dA * D) k scale + diag(e^b) dO S^T scale, and the row half of db.
-    scores = tiles.matmul(q, k, (CHUNK, CHUNK), interp, transpose_b=True)
-    d_a = tiles.matmul(d_o, v, (CHUNK, CHUNK), interp, transpose_b=True)
-    decay, strict = _pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"], False)
-    a = scores * decay * scale
-    db = jnp.where(strict, d_a * a, 0.0).sum(axis=1)
-    dq = tiles.matmul((d_a * decay * scale).astype(dtype), k, tile_c, interp)
-    doh = tiles.matmul(d_o, hc, tile_c, interp, transpose_b=True)
-    qq = tiles.load(q, _TILE, interp).astype(_F32)
-    d_into = (qq * doh).sum(axis=1) * scale
-    dq = dq + doh * tiles.rows(x["into"] * scale, doh.shape)
-    stage_f32(dq, refs["dq"].at[(vb,) + rows])
-
-    # dk, dv from the transposed tiles (keys on rows), and the column half of db.
-    scores_t = tiles.matmul(k, q, (CHUNK, CHUNK), interp, transpose_b=True)
-    d_a_t = tiles.matmul(v, d_o, (CHUNK, CHUNK), interp, transpose_b=True)
-    decay_t, strict_t = _pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"],
-                                    True)
-    a_t = scores_t * decay_t * scale
-    db = db - jnp.where(strict_t, d_a_t * a_t, 0.0).sum(axis=1)
-    dk = tiles.matmul((d_a_t * decay_t * scale).astype(dtype), q, tile_c, interp)
-    vdh = tiles.matmul(v, dh_s, tile_c, interp, transpose_b=True)
-    kk = tiles.load(k, _TILE, interp).astype(_F32)
-    d_out = (kk * vdh).sum(axis=1)
-    dk = dk + vdh * tiles.rows(x["out_of"], vdh.shape)
-    kq_s[...] = (kk * tiles.rows(x["out_of"], kk.shape)).astype(dtype)
-    plgpu.commit_smem()
-    dv = tiles.matmul(a_t.astype(dtype), d_o, (CHUNK, BLOCK_V), interp)
-    dv = tiles.matmul_add(dv, kq_s, dh_s, interp)
-    stage_f32(dk, refs["dk"].at[(vb,) + rows])
-    dv_s[...] = dv.astype(dtype)
-    dvec_s.at[0][...] = db
-    dvec_s.at[1][...] = d_into
-    dvec_s.at[2][...] = d_out
-    hh = tiles.load(hc, _TILE, interp).astype(_F32)
+    x = _vectors(static, vec_s.at[slot], tot=tot_s.at[slot])
+    qq = tiles.load(q_s.at[slot], _TILE, interp).astype(_F32)
+    qin_s[...] = (qq * tiles.rows(x["into"] * static.scale, qq.shape)).astype(dtype)
+    # d e^{G}: <S entering, dS leaving> (rows here, summed over value blocks and K outside).
+    hh = tiles.load(h_s.at[slot], _TILE, interp).astype(_F32)
     dtot_s[...] = (hh * dh).sum(axis=1)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dv_s, refs["dv"].at[rows + (cols,)])
-    plgpu.copy_smem_to_gmem(dvec_s, refs["dvec"].at[vb, batch, head, c])
+    plgpu.copy_smem_to_gmem(dh_s, refs["dstates"].at[batch, head, c, :, cols])
     plgpu.copy_smem_to_gmem(dtot_s, refs["dtot"].at[vb, batch, head, c])
-
-    # The state's gradient entering the chunk: e^G dS + (diag(e^b) q scale)^T dO.
-    kq_s[...] = (qq * tiles.rows(x["into"] * scale, qq.shape)).astype(dtype)
-    plgpu.commit_smem()
     dh = dh * tiles.rows(x["tot"], dh.shape)
-    dh = tiles.matmul_add(dh, kq_s, d_o, interp, transpose_a=True)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # dv_s, dvec_s, dtot_s reusable
-    return dh
+    return tiles.matmul_add(dh, qin_s, do_s.at[slot], interp, transpose_a=True)
 
-  dh = lax.fori_loop(0, nc, step, dh)
-  stage_f32(dh, refs["dh0"].at[batch, head, :, cols])
+  dfinal = _load_f32(static, refs["dfinal"].at[batch, head, :, cols],
+                     (static.key_dim, BLOCK_V), one)
+  dh = _walk(static, issue, lambda i: nc - 1 - i, step, dfinal, bar)
+  plgpu.wait_smem_to_gmem(0)
+  _stage_out(static, dh, refs["dh0"].at[batch, head, :, cols])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _grads_kernel(static, refs, scratch):
+  """One chunk's gradients: dq, dk, dv and the gate factors' gradients, from the state
+  entering the chunk and the gradient of the state leaving it."""
+  (q_s, k_s, v_s, do_s, hc_s, dh_s, vec_s, vect_s, kout_s, dk_s, dv_s, dvec_s,
+   bar) = scratch
+  interp, scale = static.interpret, static.scale
+  c, head, batch = _chunk_position()
+  rows, dtype = (batch, pl.ds(c * CHUNK, CHUNK), head), q_s.dtype
+  tile_c = (CHUNK, static.key_dim)
+  _copy_in([(refs["q"].at[rows], q_s), (refs["k"].at[rows], k_s), (refs["v"].at[rows], v_s),
+            (refs["do"].at[rows], do_s), (refs["states"].at[batch, head, c], hc_s),
+            (refs["dstates"].at[batch, head, c], dh_s),
+            (refs["vec"].at[batch, head, c], vec_s), (refs["vec"].at[batch, head, c], vect_s)],
+           bar)
+  plgpu.barrier_wait(bar)
+  x = _vectors(static, vec_s, vect_s)
+
+  # dq: (dA * D) k scale + diag(e^b) dO S^T scale, and the row half of db.
+  scores = tiles.matmul(q_s, k_s, (CHUNK, CHUNK), interp, transpose_b=True)
+  d_a = tiles.matmul(do_s, v_s, (CHUNK, CHUNK), interp, transpose_b=True)
+  decay, strict = _pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"], False)
+  a = scores * decay * scale
+  db = jnp.where(strict, d_a * a, 0.0).sum(axis=1)
+  dq = tiles.matmul((d_a * decay * scale).astype(dtype), k_s, tile_c, interp)
+  doh = tiles.matmul(do_s, hc_s, tile_c, interp, transpose_b=True)
+  qq = tiles.load(q_s, _TILE, interp).astype(_F32)
+  d_into = (qq * doh).sum(axis=1) * scale
+  dq = dq + doh * tiles.rows(x["into"] * scale, doh.shape)
+  kout_s[...] = dq.astype(dtype)     # kout_s stages dq first
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(kout_s, refs["dq"].at[rows])
+
+  # dk, dv from the transposed tiles (keys on rows), and the column half of db.
+  scores_t = tiles.matmul(k_s, q_s, (CHUNK, CHUNK), interp, transpose_b=True)
+  d_a_t = tiles.matmul(v_s, do_s, (CHUNK, CHUNK), interp, transpose_b=True)
+  decay_t, strict_t = _pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"],
+                                  True)
+  a_t = scores_t * decay_t * scale
+  db = db - jnp.where(strict_t, d_a_t * a_t, 0.0).sum(axis=1)
+  dk = tiles.matmul((d_a_t * decay_t * scale).astype(dtype), q_s, tile_c, interp)
+  vdh = tiles.matmul(v_s, dh_s, tile_c, interp, transpose_b=True)
+  kk = tiles.load(k_s, _TILE, interp).astype(_F32)
+  d_out = (kk * vdh).sum(axis=1)
+  dk_s[...] = (dk + vdh * tiles.rows(x["out_of"], vdh.shape)).astype(dtype)
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  kout_s[...] = (kk * tiles.rows(x["out_of"], kk.shape)).astype(dtype)
+  plgpu.commit_smem()
+  dv = tiles.matmul(a_t.astype(dtype), do_s, (CHUNK, static.value_dim), interp)
+  dv = tiles.matmul_add(dv, kout_s, dh_s, interp)
+  dv_s[...] = dv.astype(dtype)
+  dvec_s.at[0][...] = db
+  dvec_s.at[1][...] = d_into
+  dvec_s.at[2][...] = d_out
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(dk_s, refs["dk"].at[rows])
+  plgpu.copy_smem_to_gmem(dv_s, refs["dv"].at[rows])
+  plgpu.copy_smem_to_gmem(dvec_s, refs["dvec"].at[batch, head, c])
   plgpu.wait_smem_to_gmem(0)
 
 
 def _backward_call(static, q, k, v, d_o, states, vec, tot, dfinal):
   b, tp, heads, kd = q.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
-  nv = vd // BLOCK_V
-  inputs = dict(q=q, k=k, v=v, do=d_o, states=states, vec=vec, tot=tot, dfinal=dfinal)
-  out_type = dict(dq=jax.ShapeDtypeStruct((nv, b, tp, heads, kd), _F32),
-                  dk=jax.ShapeDtypeStruct((nv, b, tp, heads, kd), _F32),
-                  dv=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
-                  dvec=jax.ShapeDtypeStruct((nv, b, heads, nc, 3, CHUNK), _F32),
-                  dtot=jax.ShapeDtypeStruct((nv, b, heads, nc, kd), _F32),
-                  dh0=jax.ShapeDtypeStruct((b, heads, kd, vd), _F32))
   two = lambda shape, dt=dtype: tiles.swizzled((2,) + shape, dt)
-  scratch = (two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, BLOCK_V)), two((CHUNK, BLOCK_V)),
-             two((kd, BLOCK_V)), plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, 4, CHUNK), _F32),
-             plgpu.SMEM((2, kd), _F32),
-             tiles.swizzled((kd, BLOCK_V), dtype), tiles.swizzled((CHUNK, kd), dtype),
-             tiles.swizzled((CHUNK, BLOCK_V), dtype), plgpu.SMEM((3, CHUNK), _F32),
-             plgpu.SMEM((kd,), _F32), plgpu.Barrier(num_arrivals=8, num_barriers=2),
-             plgpu.Barrier())
-  return _launch(static, _backward_kernel, inputs, out_type, scratch, b, heads)
+  dstates, dh0, dtot = _sequential(
+      static, _dstates_kernel,
+      dict(q=q, do=d_o, states=states, vec=vec, tot=tot, dfinal=dfinal),
+      dict(dstates=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
+           dh0=jax.ShapeDtypeStruct((b, heads, kd, vd), _F32),
+           dtot=jax.ShapeDtypeStruct((vd // BLOCK_V, b, heads, nc, kd), _F32)),
+      (two((CHUNK, kd)), two((CHUNK, BLOCK_V)), two((kd, BLOCK_V)),
+       plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, kd), _F32),
+       tiles.swizzled((kd, BLOCK_V), dtype), tiles.swizzled((CHUNK, kd), dtype),
+       plgpu.SMEM((kd,), _F32), plgpu.Barrier(num_arrivals=5, num_barriers=2),
+       plgpu.Barrier()), b, heads)
+  one = lambda shape, dt=dtype: tiles.swizzled(shape, dt)
+  dq, dk, dv, dvec = _parallel(
+      static, _grads_kernel,
+      dict(q=q, k=k, v=v, do=d_o, states=states, dstates=dstates, vec=vec),
+      dict(dq=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
+           dk=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
+           dv=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
+           dvec=jax.ShapeDtypeStruct((b, heads, nc, 3, CHUNK), _F32)),
+      (one((CHUNK, kd)), one((CHUNK, kd)), one((CHUNK, vd)), one((CHUNK, vd)),
+       one((kd, vd)), one((kd, vd)), plgpu.SMEM((4, CHUNK), _F32),
+       plgpu.SMEM((4, CHUNK), _F32), one((CHUNK, kd)), one((CHUNK, kd)), one((CHUNK, vd)),
+       plgpu.SMEM((3, CHUNK), _F32),
+       plgpu.Barrier(num_arrivals=8)), b, heads)
+  return dq, dk, dv, dvec, dtot, dh0
 
 
 # -------------------------------------------------------------------------- wrappers
@@ -368,16 +436,14 @@ def _chunked_fwd(static, q, k, v, vec, tot, h0):
 def _chunked_bwd(static, res, cotangents):
   q, k, v, vec, tot, states = res
   d_o, dfinal = cotangents
-  bthd, bh, vbthd, vbh = (0, 2), (0, 1), (1, 3), (1, 2)
+  bthd, bh = (0, 2), (0, 1)
   dq, dk, dv, dvec, dtot, dh0 = _shielded(
       static, functools.partial(_backward_call, static),
       (q, k, v, d_o.astype(q.dtype), states, vec, _tot_lanes(static, tot),
        dfinal.astype(_F32)),
-      (bthd, bthd, bthd, bthd, bh, bh, bh, bh), (vbthd, vbthd, bthd, vbh, vbh, bh))
-  dvec = dvec.sum(0)
+      (bthd, bthd, bthd, bthd, bh, bh, bh, bh), (bthd, bthd, bthd, bh, (1, 2), bh))
   dvec = jnp.concatenate([dvec, jnp.zeros_like(dvec[..., :1, :])], axis=-2)  # document ids
-  return (dq.sum(0).astype(q.dtype), dk.sum(0).astype(k.dtype), dv, dvec,
-          dtot.sum((0, -1)), dh0)
+  return dq, dk, dv, dvec, dtot.sum((0, -1)), dh0
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -431,6 +497,14 @@ def gate_factors(g, starts):
   return vec.transpose(0, 3, 1, 4, 2), tot.transpose(0, 2, 1)
 
 
+def _pad_time(x, padded):
+  """Zeros after the sequence up to ``padded`` tokens (padded tokens have k = v = 0 and
+  g = 0, so they leave the state alone; their outputs are dropped)."""
+  if x.shape[1] == padded:
+    return x
+  return jnp.pad(x, ((0, 0), (0, padded - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+
+
 def _check(q, k, v, g, scale, initial_state, segment_ids, chunk_size):
   if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
     raise ValueError(f"q, k must be [B, T, H, K] and v [B, T, H, V] with the same B, T, H; "
@@ -440,8 +514,8 @@ def _check(q, k, v, g, scale, initial_state, segment_ids, chunk_size):
                      f"operands), got {q.dtype=}, {k.dtype=}, {v.dtype=}")
   if q.shape[-1] not in KEY_DIMS:
     raise ValueError(f"the key head dim must be one of {KEY_DIMS}, got {q.shape[-1]}")
-  if v.shape[-1] % BLOCK_V:
-    raise ValueError(f"the value head dim must be a multiple of {BLOCK_V}, got {v.shape[-1]}")
+  if v.shape[-1] not in VALUE_DIMS:
+    raise ValueError(f"the value head dim must be one of {VALUE_DIMS}, got {v.shape[-1]}")
   if g.shape != q.shape[:3]:
     raise ValueError(f"g must be [B, T, H] = {q.shape[:3]}, got {g.shape=}")
   if not isinstance(scale, (int, float)):
@@ -475,9 +549,7 @@ def simple_gla(q, k, v, g, *, scale, initial_state=None, output_final_state=Fals
   vd = v.shape[-1]
   padded = -(-length // CHUNK) * CHUNK
   pad = padded - length
-  widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-  q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
-  g = jnp.pad(g.astype(_F32), widths[:3])
+  q, k, v, g = (_pad_time(x, padded) for x in (q, k, v, g.astype(_F32)))
   starts = None
   if segment_ids is not None:
     ids = jnp.pad(jnp.asarray(segment_ids), ((0, 0), (0, pad)), mode="edge")
@@ -487,4 +559,5 @@ def simple_gla(q, k, v, g, *, scale, initial_state=None, output_final_state=Fals
         else initial_state.astype(_F32))
   static = _Static(float(scale), padded // CHUNK, kd, vd, bool(interpret))
   o, final = _chunked(static, q, k, v, vec, tot, h0)
-  return o[:, :length], (final if output_final_state else None)
+  o = o[:, :length] if pad else o
+  return o, (final if output_final_state else None)

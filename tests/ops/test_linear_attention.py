@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from attnlab import ops
-from attnlab.ops import pallas_target
+from attnlab.ops import linear_pallas, pallas_target
 from tests import oracle_linear as oracle
 
 # Relative error bounds. bfloat16 is compared with the oracle run on the bf16-rounded
@@ -595,6 +595,9 @@ class TestPallasGpu(LinearAttentionSuite):
   def check(self, case, rng, dtype=jnp.bfloat16, chunk_size=None):
     if case.op not in GPU_OPS:
       pytest.skip(f"no Mosaic GPU kernel for {case.op} yet (refused with a reason)")
+    if case.length < linear_pallas.MIN_GPU_LENGTH:
+      pytest.skip("refused on a GPU (XLA's emitter fails on the padding of very short "
+                  "sequences); dispatch runs xla")
     if normalize in case.features:
       pytest.skip("normalize adds a value column (V = 65): refused by the GPU kernel")
     case = dataclasses.replace(case, key_dim=64, value_dim=64)
@@ -603,16 +606,16 @@ class TestPallasGpu(LinearAttentionSuite):
   # The suite's remaining properties build float32 problems, which the GPU kernel refuses.
   _F32_ONLY = "a float32 property test: the GPU kernel takes bfloat16 / float16"
 
-  def test_packed_documents_equal_documents_one_by_one(self, op, rng):
+  def test_packed_documents_equal_documents_one_by_one(self):
     pytest.skip(self._F32_ONLY)
 
-  def test_prefill_then_decode(self, op, rng):
+  def test_prefill_then_decode(self):
     pytest.skip(self._F32_ONLY)
 
-  def test_jit_matches_eager(self, case, rng):
+  def test_jit_matches_eager(self):
     pytest.skip(self._F32_ONLY)
 
-  def test_gradients_are_causal_and_stay_in_the_document(self, case, rng):
+  def test_gradients_are_causal_and_stay_in_the_document(self):
     pytest.skip(self._F32_ONLY)
 
 
