@@ -29,13 +29,13 @@ diagonal's exponent is 0): every term carries the decay of its own pair, so stro
 
 Kernels (one warpgroup per CTA, ``wgmma`` with float32 accumulators, TMA copies):
 
-* states, grid ``(V / 64, H, B)``: walks the chunks in order with a ``[K, 64]`` slice of
-  the state in float32 registers (one product per chunk, the next chunk's k / v copied
-  into the other of two shared-memory slots meanwhile); saves the state entering every
-  chunk (``[B, H, T / C, K, V]`` in the input dtype) and the final state.
+* states, grid ``(K / 64 * V / 64, H, B)``: walks the chunks in order with a ``[64, 64]``
+  block of the state in float32 registers (one product per chunk, the next chunk's k / v
+  copied into the other of two shared-memory slots meanwhile); saves the state entering
+  every chunk (``[B, H, T / C, K, V]`` in the input dtype) and the final state.
 * output, grid ``(T / C, H, B)``: every chunk at once, from its saved state.
-* state gradients, grid ``(V / 64, H, B)``: walks the chunks in reverse with ``dS`` in
-  registers; saves the gradient of the state leaving every chunk and ``<S, dS>`` (the
+* state gradients, grid ``(K / 64 * V / 64, H, B)``: walks the chunks in reverse with a
+  block of ``dS`` in registers; saves the gradient of the state leaving every chunk and ``<S, dS>`` (the
   gradient of ``e^{G}``); ends with the initial state's gradient.
 * gradients, grid ``(T / C, H, B)``: every chunk at once: dq, dk, dv and the gradients
   of ``b``, ``e^{b}`` and ``e^{a}``. The transposed products (``k q^T``, ``v dO^T``) are
@@ -64,6 +64,7 @@ from pallas_kernels.gpu import _interpret
 from pallas_kernels.gpu import tiles
 
 CHUNK = 64
+BLOCK_K = 64   # the walks' state slice is [BLOCK_K, BLOCK_V]
 BLOCK_V = 64
 KEY_DIMS = (64, 128)
 VALUE_DIMS = (64, 128)
@@ -87,6 +88,10 @@ def _vblock(vb):
   return pl.ds(vb * BLOCK_V, BLOCK_V)
 
 
+def _kblock(kb):
+  return pl.ds(kb * BLOCK_K, BLOCK_K)
+
+
 def _launch(static, kernel, inputs, out_type, scratch, grid, grid_names):
   def entry(*refs):
     refs = dict(zip(list(inputs) + list(out_type), refs))
@@ -100,9 +105,19 @@ def _launch(static, kernel, inputs, out_type, scratch, grid, grid_names):
 
 
 def _sequential(static, kernel, inputs, out_type, scratch, batch, heads):
-  """A walk along the chunks: one CTA per (value block, head, batch row)."""
+  """A walk along the chunks: one CTA per (state block, head, batch row)."""
+  blocks = (static.key_dim // BLOCK_K) * (static.value_dim // BLOCK_V)
   return _launch(static, kernel, inputs, out_type, scratch,
-                 (static.value_dim // BLOCK_V, heads, batch), ("vb", "head", "batch"))
+                 (blocks, heads, batch), ("kv", "head", "batch"))
+
+
+def _walk_position(static):
+  """(key rows, value columns, value block, head, batch) of a walk's CTA."""
+  nv = static.value_dim // BLOCK_V
+  kv = lax.axis_index("kv")
+  vb = lax.rem(kv, nv)
+  return (_kblock(lax.div(kv, nv)), _vblock(vb), vb, lax.axis_index("head"),
+          lax.axis_index("batch"))
 
 
 def _parallel(static, kernel, inputs, out_type, scratch, batch, heads):
@@ -194,14 +209,15 @@ def _states_kernel(static, refs, scratch):
   """The state entering every chunk (saved in the input dtype) and the final state."""
   k_s, v_s, vec_s, tot_s, h_s, kout_s, bar, one = scratch
   interp = static.interpret
-  vb, head, batch = (lax.axis_index(n) for n in ("vb", "head", "batch"))
-  cols, dtype = _vblock(vb), k_s.dtype
+  krows, cols, _, head, batch = _walk_position(static)
+  dtype = k_s.dtype
 
   def issue(c, slot):
     rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
-    _copy_in([(refs["k"].at[rows], k_s.at[slot]), (refs["v"].at[rows + (cols,)], v_s.at[slot]),
+    _copy_in([(refs["k"].at[rows + (krows,)], k_s.at[slot]),
+              (refs["v"].at[rows + (cols,)], v_s.at[slot]),
               (refs["vec"].at[batch, head, c], vec_s.at[slot]),
-              (refs["tot"].at[batch, head, c], tot_s.at[slot])], bar.at[slot])
+              (refs["tot"].at[batch, head, c, krows], tot_s.at[slot])], bar.at[slot])
 
   def step(c, slot, h):
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # h_s read by the last copy out
@@ -210,14 +226,14 @@ def _states_kernel(static, refs, scratch):
     kk = tiles.load(k_s.at[slot], _TILE, interp).astype(_F32)
     kout_s[...] = (kk * tiles.rows(x["out_of"], kk.shape)).astype(dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(h_s, refs["states"].at[batch, head, c, :, cols])
+    plgpu.copy_smem_to_gmem(h_s, refs["states"].at[batch, head, c, krows, cols])
     h = h * tiles.rows(x["tot"], h.shape)
     return tiles.matmul_add(h, kout_s, v_s.at[slot], interp, transpose_a=True)
 
-  h0 = _load_f32(static, refs["h0"].at[batch, head, :, cols], (static.key_dim, BLOCK_V), one)
+  h0 = _load_f32(static, refs["h0"].at[batch, head, krows, cols], (BLOCK_K, BLOCK_V), one)
   h = _walk(static, issue, lambda i: i, step, h0, bar)
   plgpu.wait_smem_to_gmem(0)
-  _stage_out(static, h, refs["final"].at[batch, head, :, cols])
+  _stage_out(static, h, refs["final"].at[batch, head, krows, cols])
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -253,9 +269,9 @@ def _forward(static, q, k, v, vec, tot, h0):
       static, _states_kernel, dict(k=k, v=v, vec=vec, tot=tot, h0=h0),
       dict(states=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
            final=jax.ShapeDtypeStruct((b, heads, kd, vd), _F32)),
-      (two((CHUNK, kd)), two((CHUNK, BLOCK_V)), plgpu.SMEM((2, 4, CHUNK), _F32),
-       plgpu.SMEM((2, kd), _F32), tiles.swizzled((kd, BLOCK_V), dtype),
-       tiles.swizzled((CHUNK, kd), dtype), plgpu.Barrier(num_arrivals=4, num_barriers=2),
+      (two((CHUNK, BLOCK_K)), two((CHUNK, BLOCK_V)), plgpu.SMEM((2, 4, CHUNK), _F32),
+       plgpu.SMEM((2, BLOCK_K), _F32), tiles.swizzled((BLOCK_K, BLOCK_V), dtype),
+       tiles.swizzled((CHUNK, BLOCK_K), dtype), plgpu.Barrier(num_arrivals=4, num_barriers=2),
        plgpu.Barrier()), b, heads)
   (o,) = _parallel(
       static, _output_kernel, dict(q=q, k=k, v=v, states=states, vec=vec),
@@ -275,15 +291,16 @@ def _dstates_kernel(static, refs, scratch):
   the chunks in reverse, and the initial state's gradient."""
   q_s, do_s, h_s, vec_s, tot_s, dh_s, qin_s, dtot_s, bar, one = scratch
   interp = static.interpret
-  vb, head, batch = (lax.axis_index(n) for n in ("vb", "head", "batch"))
-  cols, dtype, nc = _vblock(vb), q_s.dtype, static.num_chunks
+  krows, cols, vb, head, batch = _walk_position(static)
+  dtype, nc = q_s.dtype, static.num_chunks
 
   def issue(c, slot):
     rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
-    _copy_in([(refs["q"].at[rows], q_s.at[slot]), (refs["do"].at[rows + (cols,)], do_s.at[slot]),
-              (refs["states"].at[batch, head, c, :, cols], h_s.at[slot]),
+    _copy_in([(refs["q"].at[rows + (krows,)], q_s.at[slot]),
+              (refs["do"].at[rows + (cols,)], do_s.at[slot]),
+              (refs["states"].at[batch, head, c, krows, cols], h_s.at[slot]),
               (refs["vec"].at[batch, head, c], vec_s.at[slot]),
-              (refs["tot"].at[batch, head, c], tot_s.at[slot])], bar.at[slot])
+              (refs["tot"].at[batch, head, c, krows], tot_s.at[slot])], bar.at[slot])
 
   def step(c, slot, dh):
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -295,16 +312,16 @@ def _dstates_kernel(static, refs, scratch):
     hh = tiles.load(h_s.at[slot], _TILE, interp).astype(_F32)
     dtot_s[...] = (hh * dh).sum(axis=1)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dh_s, refs["dstates"].at[batch, head, c, :, cols])
-    plgpu.copy_smem_to_gmem(dtot_s, refs["dtot"].at[vb, batch, head, c])
+    plgpu.copy_smem_to_gmem(dh_s, refs["dstates"].at[batch, head, c, krows, cols])
+    plgpu.copy_smem_to_gmem(dtot_s, refs["dtot"].at[vb, batch, head, c, krows])
     dh = dh * tiles.rows(x["tot"], dh.shape)
     return tiles.matmul_add(dh, qin_s, do_s.at[slot], interp, transpose_a=True)
 
-  dfinal = _load_f32(static, refs["dfinal"].at[batch, head, :, cols],
-                     (static.key_dim, BLOCK_V), one)
+  dfinal = _load_f32(static, refs["dfinal"].at[batch, head, krows, cols],
+                     (BLOCK_K, BLOCK_V), one)
   dh = _walk(static, issue, lambda i: nc - 1 - i, step, dfinal, bar)
   plgpu.wait_smem_to_gmem(0)
-  _stage_out(static, dh, refs["dh0"].at[batch, head, :, cols])
+  _stage_out(static, dh, refs["dh0"].at[batch, head, krows, cols])
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -378,10 +395,10 @@ def _backward_call(static, q, k, v, d_o, states, vec, tot, dfinal):
       dict(dstates=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
            dh0=jax.ShapeDtypeStruct((b, heads, kd, vd), _F32),
            dtot=jax.ShapeDtypeStruct((vd // BLOCK_V, b, heads, nc, kd), _F32)),
-      (two((CHUNK, kd)), two((CHUNK, BLOCK_V)), two((kd, BLOCK_V)),
-       plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, kd), _F32),
-       tiles.swizzled((kd, BLOCK_V), dtype), tiles.swizzled((CHUNK, kd), dtype),
-       plgpu.SMEM((kd,), _F32), plgpu.Barrier(num_arrivals=5, num_barriers=2),
+      (two((CHUNK, BLOCK_K)), two((CHUNK, BLOCK_V)), two((BLOCK_K, BLOCK_V)),
+       plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, BLOCK_K), _F32),
+       tiles.swizzled((BLOCK_K, BLOCK_V), dtype), tiles.swizzled((CHUNK, BLOCK_K), dtype),
+       plgpu.SMEM((BLOCK_K,), _F32), plgpu.Barrier(num_arrivals=5, num_barriers=2),
        plgpu.Barrier()), b, heads)
   one = lambda shape, dt=dtype: tiles.swizzled(shape, dt)
   dq, dk, dv, dvec = _parallel(
