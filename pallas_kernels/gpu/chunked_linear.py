@@ -522,6 +522,11 @@ def _pad_time(x, padded):
   return jnp.pad(x, ((0, 0), (0, padded - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
 
 
+# Jitted on its own so that an eager call (the interpreter's tests run op by op) does not
+# dispatch its dozens of small ops one at a time; inside an outer jit it is inlined.
+_gate_factors = jax.jit(gate_factors)
+
+
 def _check(q, k, v, g, scale, initial_state, segment_ids, chunk_size):
   if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
     raise ValueError(f"q, k must be [B, T, H, K] and v [B, T, H, V] with the same B, T, H; "
@@ -571,7 +576,7 @@ def simple_gla(q, k, v, g, *, scale, initial_state=None, output_final_state=Fals
   if segment_ids is not None:
     ids = jnp.pad(jnp.asarray(segment_ids), ((0, 0), (0, pad)), mode="edge")
     starts = jnp.zeros((batch, padded), bool).at[:, 1:].set(ids[:, 1:] != ids[:, :-1])
-  vec, tot = gate_factors(g, starts)
+  vec, tot = _gate_factors(g, starts)
   h0 = (jnp.zeros((batch, heads, kd, vd), _F32) if initial_state is None
         else initial_state.astype(_F32))
   static = _Static(float(scale), padded // CHUNK, kd, vd, bool(interpret))
