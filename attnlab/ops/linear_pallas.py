@@ -21,6 +21,7 @@ kernels; float32 states and accumulation.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from attnlab.ops.pallas_target import kernel_target, not_hopper_reason
@@ -72,7 +73,11 @@ def linear_pallas_supports(call) -> str | None:
 def linear_pallas_automatic(call) -> str | None:
   backend, interpret = kernel_target()
   if backend == "gpu" and not interpret:
-    # Tested compiled on an H100 for everything _gpu_supports lets through.
+    # Tested compiled on one H100 for everything _gpu_supports lets through; the per-shard
+    # path under a multi-device jit has not run on several GPUs yet.
+    if jax.device_count() > 1:
+      return ("the GPU kernel's sharded path is untested on several GPUs; "
+              "name implementation='pallas'")
     return not_hopper_reason()
   if backend == "gpu":
     return "interpreted kernels are for tests; name implementation='pallas'"

@@ -25,6 +25,7 @@ import pytest
 from pallas_kernels.gpu import _interpret
 from pallas_kernels.gpu import chunked_linear as cl
 from tests import oracle_linear as oracle
+from tests.ops.test_linear_attention import rel_err, to_f64
 
 ON_GPU = jax.default_backend() == "gpu"
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="compiled Mosaic GPU kernels need an H100")
@@ -33,15 +34,6 @@ interpreted = pytest.mark.skipif(not _interpret.available(),
 
 # bfloat16 operands (8 significant bits), float32 accumulation and state: ~3e-3 typical.
 TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float16: 3e-3}
-
-
-def rel_err(x, ref) -> float:
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
-
-
-def to_f64(x):
-  return None if x is None else np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
