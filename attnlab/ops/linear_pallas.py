@@ -12,10 +12,11 @@ kernels; float32 states and accumulation.
 * TPU: all six ops, q / k / v bfloat16 or float32, chunk sizes a multiple of 16. Tested
   on CPU in TPU interpret mode (``attnlab.ops.pallas_target.interpret_kernels("tpu")``);
   joins automatic dispatch only once it has run on a TPU.
-* GPU (Hopper): the simple-GLA family (``linear_attn``, ``retention``, ``simple_gla``) with
-  q / k / v bfloat16 or float16, key and value head dims 64 or 128,
-  chunks of 64. GLA and the delta rules have no Mosaic GPU kernel yet: the tier refuses
-  them with that reason and automatic dispatch runs xla. Tested on an H100 and, on CPU,
+* GPU (Hopper): the simple-GLA family (``linear_attn``, ``retention``, ``simple_gla``,
+  ``pallas_kernels/gpu/chunked_linear.py``) and the delta rules (``delta_rule``,
+  ``gated_delta_rule``, ``pallas_kernels/gpu/chunked_delta.py``) with q / k / v bfloat16 or
+  float16, key and value head dims 64 or 128, chunks of 64. GLA has no Mosaic GPU kernel
+  yet: the tier refuses it with that reason and automatic dispatch runs xla. Tested on an H100 and, on CPU,
   in the Mosaic GPU interpreter (``interpret_kernels("gpu")``).
 """
 
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from attnlab.ops.pallas_target import kernel_target, not_hopper_reason
+from pallas_kernels.gpu import chunked_delta as gpu_delta
 from pallas_kernels.gpu import chunked_linear as gpu_linear
 from pallas_kernels.tpu import chunk_math
 from pallas_kernels.tpu import chunked_linear
@@ -33,9 +35,9 @@ MIN_GPU_LENGTH = 17
 
 
 def _gpu_supports(call) -> str | None:
-  if call.beta is not None or (call.g is not None and call.g.ndim == 4):
-    return ("the Mosaic GPU chunked kernels cover the simple GLA family (linear_attn, "
-            "retention, simple_gla); GLA and the delta rules are not written yet")
+  if call.g is not None and call.g.ndim == 4:
+    return ("the Mosaic GPU chunked kernels cover the simple GLA family and the delta "
+            "rules; GLA's per-channel gate has no Mosaic GPU kernel yet")
   if call.q.dtype not in gpu_linear.DTYPES or call.k.dtype != call.q.dtype \
       or call.v.dtype != call.q.dtype:
     return (f"the GPU kernel takes q, k, v all bfloat16 or all float16 (wgmma operands), "
@@ -96,8 +98,10 @@ def linear_recurrence_pallas(q, k, v, g=None, beta=None, *, scale, initial_state
   if g is None and beta is None:
     g = jnp.zeros(q.shape[:3], jnp.float32)  # plain linear attention: no decay
   if backend == "gpu":
-    if beta is not None or g.ndim == 4:
-      raise ValueError("the Mosaic GPU chunked kernels cover the simple GLA family only")
+    if g is not None and g.ndim == 4:
+      raise ValueError("GLA's per-channel gate has no Mosaic GPU kernel yet")
+    if beta is not None:
+      return gpu_delta.gated_delta_rule(q, k, v, g, beta, **common)
     return gpu_linear.simple_gla(q, k, v, g, **common)
   if beta is not None:
     if g is None:

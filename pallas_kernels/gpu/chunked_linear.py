@@ -273,6 +273,14 @@ def _forward(static, q, k, v, vec, tot, h0):
        plgpu.SMEM((2, BLOCK_K), _F32), tiles.swizzled((BLOCK_K, BLOCK_V), dtype),
        tiles.swizzled((CHUNK, BLOCK_K), dtype), plgpu.Barrier(num_arrivals=4, num_barriers=2),
        plgpu.Barrier()), b, heads)
+  return output_call(static, q, k, v, states, vec), states, final
+
+
+def output_call(static, q, k, v, states, vec):
+  """The chunk-parallel output launch (also the delta rules', with ``v`` the chunks'
+  corrected values)."""
+  b, tp, heads, kd = q.shape
+  vd, dtype = static.value_dim, q.dtype
   (o,) = _parallel(
       static, _output_kernel, dict(q=q, k=k, v=v, states=states, vec=vec),
       dict(o=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype)),
@@ -280,7 +288,7 @@ def _forward(static, q, k, v, vec, tot, h0):
        tiles.swizzled((CHUNK, vd), dtype), tiles.swizzled((kd, vd), dtype),
        plgpu.SMEM((4, CHUNK), _F32), plgpu.SMEM((4, CHUNK), _F32),
        tiles.swizzled((CHUNK, vd), dtype), plgpu.Barrier(num_arrivals=6)), b, heads)
-  return o, states, final
+  return o
 
 
 # -------------------------------------------------------------------------- backward
@@ -400,8 +408,17 @@ def _backward_call(static, q, k, v, d_o, states, vec, tot, dfinal):
        tiles.swizzled((BLOCK_K, BLOCK_V), dtype), tiles.swizzled((CHUNK, BLOCK_K), dtype),
        plgpu.SMEM((BLOCK_K,), _F32), plgpu.Barrier(num_arrivals=5, num_barriers=2),
        plgpu.Barrier()), b, heads)
+  dq, dk, dv, dvec = grads_call(static, q, k, v, d_o, states, dstates, vec)
+  return dq, dk, dv, dvec, dtot, dh0
+
+
+def grads_call(static, q, k, v, d_o, states, dstates, vec):
+  """The chunk-parallel gradient launch (also the delta rules' kernel, with ``v`` the
+  chunks' corrected values)."""
+  b, tp, heads, kd = q.shape
+  vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
   one = lambda shape, dt=dtype: tiles.swizzled(shape, dt)
-  dq, dk, dv, dvec = _parallel(
+  return _parallel(
       static, _grads_kernel,
       dict(q=q, k=k, v=v, do=d_o, states=states, dstates=dstates, vec=vec),
       dict(dq=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
@@ -413,7 +430,6 @@ def _backward_call(static, q, k, v, d_o, states, vec, tot, dfinal):
        plgpu.SMEM((4, CHUNK), _F32), one((CHUNK, kd)), one((CHUNK, kd)), one((CHUNK, vd)),
        plgpu.SMEM((3, CHUNK), _F32),
        plgpu.Barrier(num_arrivals=8)), b, heads)
-  return dq, dk, dv, dvec, dtot, dh0
 
 
 # -------------------------------------------------------------------------- wrappers

@@ -388,6 +388,16 @@ class LinearAttentionSuite:
   implementation: str
   chunk_sizes: tuple = (64,)       # cycled over the cases
   sweep_chunk_sizes: tuple = ()    # swept on a few cases; empty for tiers without chunks
+  property_dtype = jnp.float32     # the dtype and head dims of the property tests' problems
+  property_dims: dict = {}
+
+  def require(self, case: Case):
+    """Skip (with the reason) a case this tier refuses; every case runs by default."""
+
+  def property_problem(self, case: Case, rng) -> Problem:
+    case = dataclasses.replace(case, **self.property_dims)
+    self.require(case)
+    return case.problem(rng, self.property_dtype)
 
   def chunk_size(self, case: Case):
     """Cycled over each op's cases, so every op meets every chunk size."""
@@ -434,13 +444,14 @@ class LinearAttentionSuite:
     assert lengths[-1] == longest   # the last document is unpadded: its final state counts
     features = ((feature_map("elu_plus_one"), normalize) if op == "linear_attn" else
                 (l2norm,) if op == "gated_delta_rule" else ())
-    docs = Case("docs", op, longest, 1.0, features=features + (initial_state,),
-                batch=len(lengths)).problem(rng)
+    docs = self.property_problem(Case("docs", op, longest, 1.0,
+                                      features=features + (initial_state,),
+                                      batch=len(lengths)), rng)
     live = np.arange(longest)[None, :] < np.asarray(lengths)[:, None]       # [D, L]
     # Only the first document starts from the initial state.
     docs.diff["initial_state"] = docs.diff["initial_state"] * jnp.asarray(
         (np.arange(len(lengths)) == 0)[:, None, None, None], jnp.float32)
-    docs.dout = docs.dout * jnp.asarray(live[:, :, None, None], jnp.float32)
+    docs.dout = docs.dout * jnp.asarray(live[:, :, None, None], docs.dout.dtype)
     docs.dfinal = docs.dfinal * jnp.asarray(
         (np.arange(len(lengths)) == len(lengths) - 1)[:, None, None, None], jnp.float32)
 
@@ -457,7 +468,7 @@ class LinearAttentionSuite:
     chunk_size = self.chunk_sizes[0]
     out, final, grads = run(packed, self.implementation, chunk_size)
     out_docs, final_docs, grads_docs = run(docs, self.implementation, chunk_size)
-    tol = TOLERANCE[jnp.float32]
+    tol = TOLERANCE[self.property_dtype]
     errors = {"out": rel_err(out, pack(out_docs)),
               "final_state": rel_err(final, final_docs[-1:])}
     for name, g in grads.items():
@@ -475,7 +486,8 @@ class LinearAttentionSuite:
     features = ((feature_map("elu_plus_one"), normalize) if op == "linear_attn" else
                 (default_gamma,) if op == "retention" else
                 (l2norm,) if op in DELTA_OPS else ())
-    problem = Case("prefill", op, 40, 1.0, features + (initial_state,)).problem(rng)
+    problem = self.property_problem(Case("prefill", op, 40, 1.0, features + (initial_state,)),
+                                    rng)
     prefill = 23
     chunk_size = self.chunk_sizes[-1]
     call = dict(problem.static, implementation=self.implementation, chunk_size=chunk_size)
@@ -488,7 +500,7 @@ class LinearAttentionSuite:
     out = jnp.concatenate([out_head, out_tail], axis=1)
     assert out.dtype == problem.diff["v"].dtype and final.dtype == jnp.float32
     expected = problem.expected()
-    tol = TOLERANCE[jnp.float32]
+    tol = TOLERANCE[self.property_dtype]
     errors = {"out_vs_full": rel_err(out, full_out),
               "final_vs_full": rel_err(final, full_final),
               "out_vs_oracle": rel_err(out, expected["out"]),
@@ -500,7 +512,7 @@ class LinearAttentionSuite:
            (l2norm, segment_ids, initial_state)),
   ], ids=str)
   def test_jit_matches_eager(self, case, rng):
-    problem = case.problem(rng)
+    problem = self.property_problem(case, rng)
     chunk_size = self.chunk_sizes[0]
     eager = run(problem, self.implementation, chunk_size, jit=False)
     jitted = run(problem, self.implementation, chunk_size, jit=True)
@@ -516,13 +528,13 @@ class LinearAttentionSuite:
     """For a few rows t, the gradient of ``o_t`` w.r.t. every per-token input is exactly
     zero at positions after t; w.r.t. q it is zero off t; w.r.t. k, v and beta it is
     exactly zero in earlier documents, and w.r.t. v nonzero in t's document up to t."""
-    problem = case.problem(rng)
+    problem = self.property_problem(case, rng)
     problem.static["output_final_state"] = False
     t_len = problem.length
     rows = [0, 1, 15, 16, 17, 31, 32, 40, t_len - 1]
     onehot = np.zeros((len(rows), 1, t_len, 1, 1), np.float32)
     onehot[np.arange(len(rows)), 0, rows] = 1.0
-    cotangents = problem.dout[None] * jnp.asarray(onehot)
+    cotangents = problem.dout[None] * jnp.asarray(onehot, problem.dout.dtype)
     fn = getattr(ops, problem.op)
     static = dict(problem.static, implementation=self.implementation,
                   chunk_size=self.chunk_sizes[0])
@@ -576,11 +588,11 @@ class TestPallasTpuInterpret(LinearAttentionSuite):
 
 
 class TestPallasGpu(LinearAttentionSuite):
-  """The pallas tier on an H100: the Mosaic GPU simple-GLA kernel, compiled, on the
-  suite's bfloat16 cases of the simple GLA family (its dtypes; key and value head dims
-  of 64, chunks of 64). The float32 cases and GLA / the delta rules are refused with a
-  reason (checked in ``test_pallas_tier_says_why_it_cannot_run``). On CPU the kernel runs
-  interpreted in ``tests/pallas_kernels/gpu/test_chunked_linear.py``."""
+  """The pallas tier on an H100: the Mosaic GPU kernels (simple GLA family and the delta
+  rules), compiled, on the suite's cases as bfloat16 with key and value head dims of 64
+  and chunks of 64 (the kernels' operands). float32 and GLA are refused with a reason
+  (checked in ``test_pallas_tier_says_why_it_cannot_run``). On CPU the kernels run
+  interpreted in ``tests/pallas_kernels/gpu/``."""
 
   implementation = "pallas"
   chunk_sizes = (64,)
@@ -592,7 +604,12 @@ class TestPallasGpu(LinearAttentionSuite):
 
   sweep_chunk_sizes = (64,)
 
-  def check(self, case, rng, dtype=jnp.bfloat16, chunk_size=None):
+  # The property tests (packed == one by one, prefill then decode, jit == eager, causal
+  # gradients) run on the kernel's operands: bfloat16, head dims 64.
+  property_dtype = jnp.bfloat16
+  property_dims = dict(key_dim=64, value_dim=64)
+
+  def require(self, case):
     if case.op not in GPU_OPS:
       pytest.skip(f"no Mosaic GPU kernel for {case.op} yet (refused with a reason)")
     if case.length < linear_pallas.MIN_GPU_LENGTH:
@@ -600,26 +617,14 @@ class TestPallasGpu(LinearAttentionSuite):
                   "sequences); dispatch runs xla")
     if normalize in case.features:
       pytest.skip("normalize adds a value column (V = 65): refused by the GPU kernel")
+
+  def check(self, case, rng, dtype=jnp.bfloat16, chunk_size=None):
     case = dataclasses.replace(case, key_dim=64, value_dim=64)
+    self.require(case)
     return super().check(case, rng, jnp.bfloat16, chunk_size)
 
-  # The suite's remaining properties build float32 problems, which the GPU kernel refuses.
-  _F32_ONLY = "a float32 property test: the GPU kernel takes bfloat16 / float16"
 
-  def test_packed_documents_equal_documents_one_by_one(self):
-    pytest.skip(self._F32_ONLY)
-
-  def test_prefill_then_decode(self):
-    pytest.skip(self._F32_ONLY)
-
-  def test_jit_matches_eager(self):
-    pytest.skip(self._F32_ONLY)
-
-  def test_gradients_are_causal_and_stay_in_the_document(self):
-    pytest.skip(self._F32_ONLY)
-
-
-GPU_OPS = ("linear_attn", "retention", "simple_gla")
+GPU_OPS = ("linear_attn", "retention", "simple_gla", "delta_rule", "gated_delta_rule")
 
 
 # ---------------------------------------------------------------------- decode steps
@@ -679,7 +684,7 @@ def test_pallas_tier_says_why_it_cannot_run(rng):
     with pytest.raises(ValueError, match="bfloat16 or all float16"):
       call(implementation="pallas")
     gla = Case("refused_gla", "gla", 33, 1.0).problem(rng)
-    with pytest.raises(ValueError, match="GLA and the delta rules are not written yet"):
+    with pytest.raises(ValueError, match="GLA.s per-channel gate has no Mosaic GPU kernel"):
       ops.gla(**gla.diff, **gla.static, implementation="pallas")
   with pallas_target.interpret_kernels("tpu"):
     with pytest.raises(ValueError, match="multiples of 16"):

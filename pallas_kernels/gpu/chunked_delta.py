@@ -1,0 +1,332 @@
+"""Chunked delta rule and gated delta rule for Hopper GPUs in Mosaic GPU: forward and
+backward.
+
+Gated DeltaNet (Yang et al. 2025) per head, with a float32 state ``S [K, V]``; DeltaNet
+(Schlag et al. 2021; Yang et al. 2024) is ``g = 0``::
+
+    S_t = e^{g_t} (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T      o_t = scale q_t^T S_t
+
+Same contract as ``pallas_kernels/tpu/chunked_linear.py``'s ``delta_rule`` and
+``gated_delta_rule`` (q and k normalized by the caller where the op asks for it).
+
+Chunk form (Yang et al. 2024, §3, the "UT transform"). With ``S`` the state entering a
+chunk of ``C = 64`` tokens, ``b`` the gates summed from the chunk's (or the document's)
+start and ``D_ts = e^{b_t - b_s}`` (``s <= t``, same document), each token writes
+``d_t = beta_t (v_t - e^{g_t} S_{t-1}^T k_t)``; unrolled over the chunk::
+
+    (I + L) d = beta v - (beta e^b k) S          L_ts = beta_t D_ts k_t . k_s   (s < t)
+    d = U + N S        U = (I + L)^{-1} beta v,   N = -(I + L)^{-1} (beta e^b k)
+    o = scale ((q k^T) * D) d + scale diag(e^b) q S
+    S' = e^{G} S + (diag(e^a) k)^T d
+
+which is simple GLA's chunk (``chunked_linear.py``) with the values ``v`` replaced by the
+corrections ``d``. So:
+
+* ``U`` and ``N`` depend on nothing outside their chunk: XLA computes them for every chunk
+  at once in float32 (a batched unit-lower-triangular solve; gradients by autodiff, like
+  the gate factors ``e^b``, ``e^a``, ``e^G`` shared with ``chunked_linear.py``).
+* states, grid ``(V / 64, H, B)``: walks the chunks with ``S[:, 64 values]`` in float32
+  registers; per chunk ``d = U + N S`` (one product) and the state update (another),
+  saving the state entering every chunk and ``d`` (input dtype).
+* output: ``chunked_linear.output_call`` with ``v = d``.
+* state gradients, grid ``(V / 64, H, B)``: walks back with ``dS`` (the gradient of the
+  state leaving the chunk) in registers: ``dd = scale ((k q^T) * D^T) dO + diag(e^a) k dS``,
+  then ``dS <- e^{G} dS + scale (diag(e^b) q)^T dO + N^T dd``; saves ``dS`` and ``<S, dS>``.
+* gradients: ``chunked_linear.grads_call`` with ``v = d`` gives dq, dk, the gate factors'
+  gradients and ``dd`` (as "dv"); ``dU = dd`` and ``dN = dd S^T`` (XLA, per chunk).
+
+Inputs bfloat16 or float16; ``K`` and ``V`` 64 or 128. Runs on an H100/H200 and, slowly,
+on CPU in the Mosaic GPU interpreter of jax 0.10.2.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.gpu import chunked_linear as base
+from pallas_kernels.gpu import tiles
+
+# The launch helpers, chunk factors and checks of the simple GLA kernels are shared.
+# pylint: disable=protected-access
+CHUNK = base.CHUNK
+BLOCK_V = base.BLOCK_V
+_F32 = jnp.float32
+_TILE = base._TILE
+
+
+def _walk_launch(static, kernel, inputs, out_type, scratch, batch, heads):
+  """A walk along the chunks: one CTA per (64 value columns, head, batch row)."""
+  return base._launch(static, kernel, inputs, out_type, scratch,
+                      (static.value_dim // BLOCK_V, heads, batch), ("vb", "head", "batch"))
+
+
+def _walk_position():
+  vb = lax.axis_index("vb")
+  return base._vblock(vb), vb, lax.axis_index("head"), lax.axis_index("batch")
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def _states_kernel(static, refs, scratch):
+  """The state entering every chunk and the corrections ``d = U + N S`` (input dtype),
+  and the final state."""
+  k_s, n_s, u_s, vec_s, tot_s, h_s, kout_s, d_s, bar, one = scratch
+  interp = static.interpret
+  cols, _, head, batch = _walk_position()
+  dtype = k_s.dtype
+
+  def issue(c, slot):
+    rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
+    base._copy_in([(refs["k"].at[rows], k_s.at[slot]), (refs["n"].at[rows], n_s.at[slot]),
+                   (refs["u"].at[rows + (cols,)], u_s.at[slot]),
+                   (refs["vec"].at[batch, head, c], vec_s.at[slot]),
+                   (refs["tot"].at[batch, head, c], tot_s.at[slot])], bar.at[slot])
+
+  def step(c, slot, h):
+    rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # h_s, d_s read by the last copies out
+    h_s[...] = h.astype(dtype)
+    x = base._vectors(static, vec_s.at[slot], tot=tot_s.at[slot])
+    kk = tiles.load(k_s.at[slot], _TILE, interp).astype(_F32)
+    kout_s[...] = (kk * tiles.rows(x["out_of"], kk.shape)).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(h_s, refs["states"].at[batch, head, c, :, cols])
+    d = tiles.load(u_s.at[slot], _TILE, interp)
+    d = tiles.matmul_add(d, n_s.at[slot], h_s, interp)
+    d_s[...] = d.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(d_s, refs["d"].at[rows + (cols,)])
+    h = h * tiles.rows(x["tot"], h.shape)
+    return tiles.matmul_add(h, kout_s, d_s, interp, transpose_a=True)
+
+  kd = static.key_dim
+  h0 = base._load_f32(static, refs["h0"].at[batch, head, :, cols], (kd, BLOCK_V), one)
+  h = base._walk(static, issue, lambda i: i, step, h0, bar)
+  plgpu.wait_smem_to_gmem(0)
+  base._stage_out(static, h, refs["final"].at[batch, head, :, cols])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _forward(static, q, k, n, u, vec, tot, h0):
+  b, tp, heads, kd = q.shape
+  vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
+  two = lambda shape, dt=dtype: tiles.swizzled((2,) + shape, dt)
+  states, d, final = _walk_launch(
+      static, _states_kernel, dict(k=k, n=n, u=u, vec=vec, tot=tot, h0=h0),
+      dict(states=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
+           d=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
+           final=jax.ShapeDtypeStruct((b, heads, kd, vd), _F32)),
+      (two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, BLOCK_V), _F32),
+       plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, kd), _F32),
+       tiles.swizzled((kd, BLOCK_V), dtype), tiles.swizzled((CHUNK, kd), dtype),
+       tiles.swizzled((CHUNK, BLOCK_V), dtype),
+       plgpu.Barrier(num_arrivals=5, num_barriers=2), plgpu.Barrier()), b, heads)
+  o = base.output_call(static, q, k, d, states, vec)
+  return o, states, d, final
+
+
+# -------------------------------------------------------------------------- backward
+
+
+def _dstates_kernel(static, refs, scratch):
+  """The gradient of the state leaving every chunk and ``<S, dS>``, walking the chunks in
+  reverse, and the initial state's gradient."""
+  (q_s, k_s, n_s, do_s, h_s, vec_s, vect_s, tot_s, dh_s, qin_s, kout_s, at_s, dd_s,
+   dtot_s, bar, one) = scratch
+  interp, scale = static.interpret, static.scale
+  cols, vb, head, batch = _walk_position()
+  dtype, nc = q_s.dtype, static.num_chunks
+
+  def issue(c, slot):
+    rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
+    base._copy_in([(refs["q"].at[rows], q_s.at[slot]), (refs["k"].at[rows], k_s.at[slot]),
+                   (refs["n"].at[rows], n_s.at[slot]),
+                   (refs["do"].at[rows + (cols,)], do_s.at[slot]),
+                   (refs["states"].at[batch, head, c, :, cols], h_s.at[slot]),
+                   (refs["vec"].at[batch, head, c], vec_s.at[slot]),
+                   (refs["vec"].at[batch, head, c], vect_s.at[slot]),
+                   (refs["tot"].at[batch, head, c], tot_s.at[slot])], bar.at[slot])
+
+  def step(c, slot, dh):
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    dh_s[...] = dh.astype(dtype)
+    x = base._vectors(static, vec_s.at[slot], vect_s.at[slot], tot=tot_s.at[slot])
+    qq = tiles.load(q_s.at[slot], _TILE, interp).astype(_F32)
+    qin_s[...] = (qq * tiles.rows(x["into"] * scale, qq.shape)).astype(dtype)
+    kk = tiles.load(k_s.at[slot], _TILE, interp).astype(_F32)
+    kout_s[...] = (kk * tiles.rows(x["out_of"], kk.shape)).astype(dtype)
+    hh = tiles.load(h_s.at[slot], _TILE, interp).astype(_F32)
+    dtot_s[...] = (hh * dh).sum(axis=1)     # d e^{G}, summed over value blocks outside
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dh_s, refs["dstates"].at[batch, head, c, :, cols])
+    plgpu.copy_smem_to_gmem(dtot_s, refs["dtot"].at[vb, batch, head, c])
+    scores_t = tiles.matmul(k_s.at[slot], q_s.at[slot], (CHUNK, CHUNK), interp,
+                            transpose_b=True)
+    decay_t, _ = base._pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"],
+                                  True)
+    at_s[...] = (scores_t * decay_t * scale).astype(dtype)
+    plgpu.commit_smem()
+    dd = tiles.matmul(at_s, do_s.at[slot], (CHUNK, BLOCK_V), interp)
+    dd = tiles.matmul_add(dd, kout_s, dh_s, interp)
+    dd_s[...] = dd.astype(dtype)
+    plgpu.commit_smem()
+    dh = dh * tiles.rows(x["tot"], dh.shape)
+    dh = tiles.matmul_add(dh, qin_s, do_s.at[slot], interp, transpose_a=True)
+    return tiles.matmul_add(dh, n_s.at[slot], dd_s, interp, transpose_a=True)
+
+  kd = static.key_dim
+  dfinal = base._load_f32(static, refs["dfinal"].at[batch, head, :, cols], (kd, BLOCK_V),
+                          one)
+  dh = base._walk(static, issue, lambda i: nc - 1 - i, step, dfinal, bar)
+  plgpu.wait_smem_to_gmem(0)
+  base._stage_out(static, dh, refs["dh0"].at[batch, head, :, cols])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _backward_call(static, q, k, n, d_o, states, d, vec, tot, dfinal):
+  b, tp, heads, kd = q.shape
+  vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
+  two = lambda shape, dt=dtype: tiles.swizzled((2,) + shape, dt)
+  one = lambda shape, dt=dtype: tiles.swizzled(shape, dt)
+  dstates, dh0, dtot = _walk_launch(
+      static, _dstates_kernel,
+      dict(q=q, k=k, n=n, do=d_o, states=states, vec=vec, tot=tot, dfinal=dfinal),
+      dict(dstates=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
+           dh0=jax.ShapeDtypeStruct((b, heads, kd, vd), _F32),
+           dtot=jax.ShapeDtypeStruct((vd // BLOCK_V, b, heads, nc, kd), _F32)),
+      (two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, BLOCK_V)),
+       two((kd, BLOCK_V)), plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, 4, CHUNK), _F32),
+       plgpu.SMEM((2, kd), _F32), one((kd, BLOCK_V)), one((CHUNK, kd)), one((CHUNK, kd)),
+       one((CHUNK, CHUNK)), one((CHUNK, BLOCK_V)), plgpu.SMEM((kd,), _F32),
+       plgpu.Barrier(num_arrivals=8, num_barriers=2), plgpu.Barrier()), b, heads)
+  dq, dk, dd, dvec = base.grads_call(static, q, k, d, d_o, states, dstates, vec)
+  return dq, dk, dd, dvec, dtot, dh0
+
+
+# -------------------------------------------------------------------------- wrappers
+
+_BTHD, _BH = (0, 2), (0, 1)
+
+
+def _fwd_impl(static, q, k, n, u, vec, tot, h0):
+  return base._shielded(static, functools.partial(_forward, static),
+                        (q, k, n, u, vec, base._tot_lanes(static, tot), h0),
+                        (_BTHD,) * 4 + (_BH,) * 3, (_BTHD, _BH, _BTHD, _BH))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked(static, q, k, n, u, vec, tot, h0):
+  o, _, _, final = _fwd_impl(static, q, k, n, u, vec, tot, h0)
+  return o, final
+
+
+def _chunked_fwd(static, q, k, n, u, vec, tot, h0):
+  o, states, d, final = _fwd_impl(static, q, k, n, u, vec, tot, h0)
+  return (o, final), (q, k, n, vec, tot, states, d)
+
+
+def _chunked_bwd(static, res, cotangents):
+  q, k, n, vec, tot, states, d = res
+  d_o, dfinal = cotangents
+  dq, dk, dd, dvec, dtot, dh0 = base._shielded(
+      static, functools.partial(_backward_call, static),
+      (q, k, n, d_o.astype(q.dtype), states, d, vec, base._tot_lanes(static, tot),
+       dfinal.astype(_F32)),
+      (_BTHD,) * 4 + (_BH, _BTHD) + (_BH,) * 3, (_BTHD, _BTHD, _BTHD, _BH, (1, 2), _BH))
+  batch, length, heads, kd = q.shape
+  nc = static.num_chunks
+  by_chunk = dd.reshape(batch, nc, CHUNK, heads, static.value_dim)
+  dn = jnp.einsum("bnchv,bhnkv->bnchk", by_chunk, states, preferred_element_type=_F32)
+  dvec = jnp.concatenate([dvec, jnp.zeros_like(dvec[..., :1, :])], axis=-2)  # document ids
+  return (dq, dk, dn.reshape(q.shape).astype(n.dtype), dd.astype(_F32), dvec,
+          dtot.sum((0, -1)), dh0)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def corrections(k, v, beta, vec):
+  """``U = (I + L)^{-1} beta v`` (float32) and ``N = -(I + L)^{-1} beta e^b k`` for every
+  chunk, from ``k [B, T, H, K]``, ``v [B, T, H, V]``, ``beta [B, T, H]`` and the gate
+  factors ``vec [B, H, T / C, 4, C]`` (rows ``b``, ``e^b``, ``e^a``, document index);
+  returned as ``[B, T, H, V]`` and ``[B, T, H, K]``."""
+  batch, length, heads, kd = k.shape
+  nc = length // CHUNK
+
+  def by_chunk(x):   # [B, T, H, D] -> [B, H, NC, C, D]
+    return x.reshape(batch, nc, CHUNK, heads, -1).transpose(0, 3, 1, 2, 4)
+
+  def back(x):
+    return x.transpose(0, 2, 3, 1, 4).reshape(batch, length, heads, -1)
+
+  kc, vc = by_chunk(k.astype(_F32)), by_chunk(v.astype(_F32))
+  bc = by_chunk(beta.astype(_F32)[..., None])                    # [B, H, NC, C, 1]
+  b, into, doc = vec[..., 0, :], vec[..., 1, :], vec[..., 3, :]
+  strict = jnp.tril(jnp.ones((CHUNK, CHUNK), bool), -1).reshape((1,) * 3 + (CHUNK, CHUNK))
+  ok = strict & (doc[..., :, None] == doc[..., None, :])
+  decay = base._exp_where(ok, b[..., :, None] - b[..., None, :])
+  kk = jnp.einsum("...tk,...sk->...ts", kc, kc, precision=lax.Precision.HIGHEST)
+  lower = bc * decay * kk
+  rhs = jnp.concatenate([bc * vc, -(bc * into[..., None]) * kc], axis=-1)
+  x = lax.linalg.triangular_solve(lower, rhs, left_side=True, lower=True,
+                                  unit_diagonal=True)
+  vd = v.shape[-1]
+  return back(x[..., :vd]), back(x[..., vd:]).astype(k.dtype)
+
+
+_corrections = jax.jit(corrections)
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale, initial_state=None,
+                     output_final_state=False, segment_ids=None, chunk_size=CHUNK,
+                     interpret=False):
+  """Gated delta rule (Gated DeltaNet) as Mosaic GPU kernels.
+
+  Args:
+    q, k: ``[B, T, H, K]`` (K = 64 or 128; normalized by the caller if wanted);
+      v: ``[B, T, H, V]`` (V = 64 or 128); all bfloat16 or all float16.
+    g: ``[B, T, H]`` float log gates (<= 0) or None (the delta rule);
+      beta: ``[B, T, H]`` float write strengths.
+    scale, initial_state, output_final_state, segment_ids, chunk_size, interpret: as
+      ``chunked_linear.simple_gla``.
+
+  Returns ``(o [B, T, H, V] in v's dtype, final state [B, H, K, V] float32 or None)``.
+  """
+  if g is None:
+    g = jnp.zeros(q.shape[:3], _F32)
+  base._check(q, k, v, g, scale, initial_state, segment_ids, chunk_size)
+  if beta.shape != q.shape[:3]:
+    raise ValueError(f"beta must be [B, T, H] = {q.shape[:3]}, got {beta.shape=}")
+  batch, length, heads, kd = q.shape
+  vd = v.shape[-1]
+  padded = -(-length // CHUNK) * CHUNK
+  pad = padded - length
+  q, k, v, g, beta = (base._pad_time(x, padded)
+                      for x in (q, k, v, g.astype(_F32), beta.astype(_F32)))
+  starts = None
+  if segment_ids is not None:
+    ids = jnp.pad(jnp.asarray(segment_ids), ((0, 0), (0, pad)), mode="edge")
+    starts = jnp.zeros((batch, padded), bool).at[:, 1:].set(ids[:, 1:] != ids[:, :-1])
+  vec, tot = base._gate_factors(g, starts)
+  u, n = _corrections(k, v, beta, vec)
+  h0 = (jnp.zeros((batch, heads, kd, vd), _F32) if initial_state is None
+        else initial_state.astype(_F32))
+  static = base._Static(float(scale), padded // CHUNK, kd, vd, bool(interpret))
+  o, final = _chunked(static, q, k, n, u, vec, tot, h0)
+  o = o[:, :length] if pad else o
+  return o, (final if output_final_state else None)
+
+
+def delta_rule(q, k, v, beta, *, scale, initial_state=None, output_final_state=False,
+               segment_ids=None, chunk_size=CHUNK, interpret=False):
+  """Delta rule (DeltaNet) as Mosaic GPU kernels: the gated kernels with ``g = 0``."""
+  return gated_delta_rule(q, k, v, None, beta, scale=scale, initial_state=initial_state,
+                          output_final_state=output_final_state, segment_ids=segment_ids,
+                          chunk_size=chunk_size, interpret=interpret)
