@@ -31,7 +31,7 @@ corrections ``d``. So:
 * output: ``chunked_linear.output_call`` with ``v = d``.
 * state gradients, grid ``(V / 64, H, B)``: walks back with ``dS`` (the gradient of the
   state leaving the chunk) in registers: ``dd = scale ((k q^T) * D^T) dO + diag(e^a) k dS``,
-  then ``dS <- e^{G} dS + scale (diag(e^b) q)^T dO + N^T dd``; saves ``dS`` and ``<S, dS>``.
+  then ``dS <- e^{G} dS + scale q^T diag(e^b) dO + N^T dd``; saves ``dS`` and ``<S, dS>``.
 * gradients: ``chunked_linear.grads_call`` with ``v = d`` gives dq, dk, the gate factors'
   gradients and ``dd`` (as "dv"); ``dU = dd`` and ``dN = dd S^T`` (XLA, per chunk).
 
@@ -138,8 +138,8 @@ def _forward(static, q, k, n, u, vec, tot, h0):
 def _dstates_kernel(static, refs, scratch):
   """The gradient of the state leaving every chunk and ``<S, dS>``, walking the chunks in
   reverse, and the initial state's gradient."""
-  (q_s, k_s, n_s, do_s, h_s, vec_s, vect_s, tot_s, dh_s, qin_s, kout_s, at_s, dd_s,
-   dtot_s, bar, one) = scratch
+  (q_s, k_s, n_s, do_s, h_s, vec_s, vect_s, tot_s, dh_s, doin_s, at_s, dd_s, dtot_s, bar,
+   one) = scratch
   interp, scale = static.interpret, static.scale
   cols, vb, head, batch = _walk_position()
   dtype, nc = q_s.dtype, static.num_chunks
@@ -158,10 +158,8 @@ def _dstates_kernel(static, refs, scratch):
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     dh_s[...] = dh.astype(dtype)
     x = base._vectors(static, vec_s.at[slot], vect_s.at[slot], tot=tot_s.at[slot])
-    qq = tiles.load(q_s.at[slot], _TILE, interp).astype(_F32)
-    qin_s[...] = (qq * tiles.rows(x["into"] * scale, qq.shape)).astype(dtype)
-    kk = tiles.load(k_s.at[slot], _TILE, interp).astype(_F32)
-    kout_s[...] = (kk * tiles.rows(x["out_of"], kk.shape)).astype(dtype)
+    do = tiles.load(do_s.at[slot], _TILE, interp).astype(_F32)
+    doin_s[...] = (do * tiles.rows(x["into"] * scale, do.shape)).astype(dtype)
     hh = tiles.load(h_s.at[slot], _TILE, interp).astype(_F32)
     dtot_s[...] = (hh * dh).sum(axis=1)     # d e^{G}, summed over value blocks outside
     plgpu.commit_smem()
@@ -173,12 +171,13 @@ def _dstates_kernel(static, refs, scratch):
                                   True)
     at_s[...] = (scores_t * decay_t * scale).astype(dtype)
     plgpu.commit_smem()
-    dd = tiles.matmul(at_s, do_s.at[slot], (CHUNK, BLOCK_V), interp)
-    dd = tiles.matmul_add(dd, kout_s, dh_s, interp)
+    kdh = tiles.matmul(k_s.at[slot], dh_s, (CHUNK, BLOCK_V), interp)
+    dd = tiles.matmul_add(kdh * tiles.rows(x["out_of"], kdh.shape), at_s, do_s.at[slot],
+                          interp)
     dd_s[...] = dd.astype(dtype)
     plgpu.commit_smem()
     dh = dh * tiles.rows(x["tot"], dh.shape)
-    dh = tiles.matmul_add(dh, qin_s, do_s.at[slot], interp, transpose_a=True)
+    dh = tiles.matmul_add(dh, q_s.at[slot], doin_s, interp, transpose_a=True)
     return tiles.matmul_add(dh, n_s.at[slot], dd_s, interp, transpose_a=True)
 
   kd = static.key_dim
@@ -203,7 +202,7 @@ def _backward_call(static, q, k, n, d_o, states, d, vec, tot, dfinal):
            dtot=jax.ShapeDtypeStruct((vd // BLOCK_V, b, heads, nc, kd), _F32)),
       (two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, BLOCK_V)),
        two((kd, BLOCK_V)), plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, 4, CHUNK), _F32),
-       plgpu.SMEM((2, kd), _F32), one((kd, BLOCK_V)), one((CHUNK, kd)), one((CHUNK, kd)),
+       plgpu.SMEM((2, kd), _F32), one((kd, BLOCK_V)), one((CHUNK, BLOCK_V)),
        one((CHUNK, CHUNK)), one((CHUNK, BLOCK_V)), plgpu.SMEM((kd,), _F32),
        plgpu.Barrier(num_arrivals=8, num_barriers=2), plgpu.Barrier()), b, heads)
   dq, dk, dd, dvec = base.grads_call(static, q, k, d, d_o, states, dstates, vec)
@@ -275,10 +274,57 @@ def corrections(k, v, beta, vec):
   kk = jnp.einsum("...tk,...sk->...ts", kc, kc, precision=lax.Precision.HIGHEST)
   lower = bc * decay * kk
   rhs = jnp.concatenate([bc * vc, -(bc * into[..., None]) * kc], axis=-1)
-  x = lax.linalg.triangular_solve(lower, rhs, left_side=True, lower=True,
-                                  unit_diagonal=True)
+  x = _solve(lower, rhs)
   vd = v.shape[-1]
   return back(x[..., :vd]), back(x[..., vd:]).astype(k.dtype)
+
+
+def _dot(a, b):
+  return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+
+
+def unit_lower_inverse(lower, block=16):
+  """``(I + lower)^{-1}`` for strictly lower triangular ``lower [..., n, n]`` (float32),
+  by blocks: each ``block x block`` diagonal block from the finite series
+  ``(I - L)(I + L^2)(I + L^4)...`` (``L^block = 0``), then pairs of blocks merged as
+  ``[[A, 0], [C, B]]^{-1} = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]`` (blocked substitution)."""
+  n = lower.shape[-1]
+  lead = lower.shape[:-2]
+  nb = n // block
+  idx = jnp.arange(nb)
+  diag = lower.reshape(lead + (nb, block, nb, block))[..., idx, :, idx, :]   # [nb, ..., b, b]
+  diag = jnp.moveaxis(diag, 0, -3)                                            # [..., nb, b, b]
+  eye = jnp.eye(block, dtype=lower.dtype)
+  inv, power = eye - diag, diag
+  width = 2
+  while width < block:
+    power = _dot(power, power)
+    inv = _dot(inv, eye + power)
+    width *= 2
+  size = block
+  while size < n:   # inv [..., n / size, size, size] -> [..., n / (2 size), 2 size, 2 size]
+    pairs = inv.reshape(lead + (n // (2 * size), 2, size, size))
+    a_inv, b_inv = pairs[..., 0, :, :], pairs[..., 1, :, :]
+    grid = lower.reshape(lead + (n // (2 * size), 2 * size, n // (2 * size), 2 * size))
+    j = jnp.arange(n // (2 * size))
+    within = jnp.moveaxis(grid[..., j, :, j, :], 0, -3)       # [..., m, 2 size, 2 size]
+    c = within[..., size:, :size]
+    low = -_dot(b_inv, _dot(c, a_inv))
+    top = jnp.concatenate([a_inv, jnp.zeros_like(a_inv)], axis=-1)
+    bottom = jnp.concatenate([low, b_inv], axis=-1)
+    inv = jnp.concatenate([top, bottom], axis=-2)
+    size *= 2
+  return inv.reshape(lead + (n, n))
+
+
+SOLVE = "triangular_solve"
+
+
+def _solve(lower, rhs):
+  if SOLVE == "triangular_solve":
+    return lax.linalg.triangular_solve(lower, rhs, left_side=True, lower=True,
+                                       unit_diagonal=True)
+  return _dot(unit_lower_inverse(lower), rhs)
 
 
 _corrections = jax.jit(corrections)

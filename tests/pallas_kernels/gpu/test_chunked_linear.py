@@ -100,7 +100,8 @@ def check(case, rng, interpret):
   errors = {"out": rel_err(to_f64(out), ref.out),
             "final_state": rel_err(to_f64(final), ref.final_state)}
   errors.update({f"d{n}": rel_err(to_f64(grads[n]), ref.grads[n]) for n in diff})
-  assert all(np.isfinite(v) and v <= TOLERANCE[case.dtype] for v in errors.values()), errors
+  assert all(np.isfinite(v) and v <= TOLERANCE[case.dtype] for v in errors.values()), (
+      f"{errors}")
   return errors
 
 
