@@ -33,7 +33,8 @@ corrections ``d``. So:
   state leaving the chunk) in registers: ``dd = scale ((k q^T) * D^T) dO + diag(e^a) k dS``,
   then ``dS <- e^{G} dS + scale q^T diag(e^b) dO + N^T dd``; saves ``dS`` and ``<S, dS>``.
 * gradients: ``chunked_linear.grads_call`` with ``v = d`` gives dq, dk, the gate factors'
-  gradients and ``dd`` (as "dv"); ``dU = dd`` and ``dN = dd S^T`` (XLA, per chunk).
+  gradients and ``dd`` (as "dv", float32: ``beta``'s gradient sums terms that cancel);
+  ``dU = dd`` and ``dN = dd S^T`` (XLA, per chunk).
 
 Inputs bfloat16 or float16; ``K`` and ``V`` 64 or 128. Runs on an H100/H200 and, slowly,
 on CPU in the Mosaic GPU interpreter of jax 0.10.2.
@@ -205,7 +206,8 @@ def _backward_call(static, q, k, n, d_o, states, d, vec, tot, dfinal):
        plgpu.SMEM((2, kd), _F32), one((kd, BLOCK_V)), one((CHUNK, BLOCK_V)),
        one((CHUNK, CHUNK)), one((CHUNK, BLOCK_V)), plgpu.SMEM((kd,), _F32),
        plgpu.Barrier(num_arrivals=8, num_barriers=2), plgpu.Barrier()), b, heads)
-  dq, dk, dd, dvec = base.grads_call(static, q, k, d, d_o, states, dstates, vec)
+  dq, dk, dd, dvec = base.grads_call(static, q, k, d, d_o, states, dstates, vec,
+                                     dv_dtype=_F32)
   return dq, dk, dd, dvec, dtot, dh0
 
 
@@ -241,10 +243,14 @@ def _chunked_bwd(static, res, cotangents):
       (_BTHD,) * 4 + (_BH, _BTHD) + (_BH,) * 3, (_BTHD, _BTHD, _BTHD, _BH, (1, 2), _BH))
   batch, length, heads, kd = q.shape
   nc = static.num_chunks
+  # dN = dd S^T from float32 dd as two products of the state's dtype (high and low part).
   by_chunk = dd.reshape(batch, nc, CHUNK, heads, static.value_dim)
-  dn = jnp.einsum("bnchv,bhnkv->bnchk", by_chunk, states, preferred_element_type=_F32)
+  high = by_chunk.astype(states.dtype)
+  low = (by_chunk - high.astype(_F32)).astype(states.dtype)
+  dn = sum(jnp.einsum("bnchv,bhnkv->bnchk", x, states, preferred_element_type=_F32)
+           for x in (high, low))
   dvec = jnp.concatenate([dvec, jnp.zeros_like(dvec[..., :1, :])], axis=-2)  # document ids
-  return (dq, dk, dn.reshape(q.shape).astype(n.dtype), dd.astype(_F32), dvec,
+  return (dq, dk, dn.reshape(q.shape).astype(n.dtype), dd, dvec,
           dtot.sum((0, -1)), dh0)
 
 
@@ -290,10 +296,11 @@ def unit_lower_inverse(lower, block=16):
   ``[[A, 0], [C, B]]^{-1} = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]`` (blocked substitution)."""
   n = lower.shape[-1]
   lead = lower.shape[:-2]
-  nb = n // block
-  idx = jnp.arange(nb)
-  diag = lower.reshape(lead + (nb, block, nb, block))[..., idx, :, idx, :]   # [nb, ..., b, b]
-  diag = jnp.moveaxis(diag, 0, -3)                                            # [..., nb, b, b]
+
+  def diagonal_blocks(size):   # [..., n / size, size, size]
+    return jnp.stack([lower[..., i:i + size, i:i + size] for i in range(0, n, size)], -3)
+
+  diag = diagonal_blocks(block)
   eye = jnp.eye(block, dtype=lower.dtype)
   inv, power = eye - diag, diag
   width = 2
@@ -305,10 +312,7 @@ def unit_lower_inverse(lower, block=16):
   while size < n:   # inv [..., n / size, size, size] -> [..., n / (2 size), 2 size, 2 size]
     pairs = inv.reshape(lead + (n // (2 * size), 2, size, size))
     a_inv, b_inv = pairs[..., 0, :, :], pairs[..., 1, :, :]
-    grid = lower.reshape(lead + (n // (2 * size), 2 * size, n // (2 * size), 2 * size))
-    j = jnp.arange(n // (2 * size))
-    within = jnp.moveaxis(grid[..., j, :, j, :], 0, -3)       # [..., m, 2 size, 2 size]
-    c = within[..., size:, :size]
+    c = diagonal_blocks(2 * size)[..., size:, :size]
     low = -_dot(b_inv, _dot(c, a_inv))
     top = jnp.concatenate([a_inv, jnp.zeros_like(a_inv)], axis=-1)
     bottom = jnp.concatenate([low, b_inv], axis=-1)

@@ -382,7 +382,7 @@ def _grads_kernel(static, refs, scratch):
   plgpu.commit_smem()
   dv = tiles.matmul(a_t.astype(dtype), do_s, (CHUNK, static.value_dim), interp)
   dv = tiles.matmul_add(dv, kout_s, dh_s, interp)
-  dv_s[...] = dv.astype(dtype)
+  dv_s[...] = dv.astype(dv_s.dtype)
   dvec_s.at[0][...] = db
   dvec_s.at[1][...] = d_into
   dvec_s.at[2][...] = d_out
@@ -412,9 +412,9 @@ def _backward_call(static, q, k, v, d_o, states, vec, tot, dfinal):
   return dq, dk, dv, dvec, dtot, dh0
 
 
-def grads_call(static, q, k, v, d_o, states, dstates, vec):
+def grads_call(static, q, k, v, d_o, states, dstates, vec, dv_dtype=None):
   """The chunk-parallel gradient launch (also the delta rules' kernel, with ``v`` the
-  chunks' corrected values)."""
+  chunks' corrected values); ``dv`` in ``dv_dtype`` (default: the input dtype)."""
   b, tp, heads, kd = q.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
   one = lambda shape, dt=dtype: tiles.swizzled(shape, dt)
@@ -423,12 +423,12 @@ def grads_call(static, q, k, v, d_o, states, dstates, vec):
       dict(q=q, k=k, v=v, do=d_o, states=states, dstates=dstates, vec=vec),
       dict(dq=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
            dk=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
-           dv=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
+           dv=jax.ShapeDtypeStruct((b, tp, heads, vd), dv_dtype or dtype),
            dvec=jax.ShapeDtypeStruct((b, heads, nc, 3, CHUNK), _F32)),
       (one((CHUNK, kd)), one((CHUNK, kd)), one((CHUNK, vd)), one((CHUNK, vd)),
        one((kd, vd)), one((kd, vd)), plgpu.SMEM((4, CHUNK), _F32),
-       plgpu.SMEM((4, CHUNK), _F32), one((CHUNK, kd)), one((CHUNK, kd)), one((CHUNK, vd)),
-       plgpu.SMEM((3, CHUNK), _F32),
+       plgpu.SMEM((4, CHUNK), _F32), one((CHUNK, kd)), one((CHUNK, kd)),
+       one((CHUNK, vd), dv_dtype or dtype), plgpu.SMEM((3, CHUNK), _F32),
        plgpu.Barrier(num_arrivals=8)), b, heads)
 
 
