@@ -258,10 +258,14 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def corrections(k, v, beta, vec):
-  """``U = (I + L)^{-1} beta v`` (float32) and ``N = -(I + L)^{-1} beta e^b k`` for every
-  chunk, from ``k [B, T, H, K]``, ``v [B, T, H, V]``, ``beta [B, T, H]`` and the gate
-  factors ``vec [B, H, T / C, 4, C]`` (rows ``b``, ``e^b``, ``e^a``, document index);
-  returned as ``[B, T, H, V]`` and ``[B, T, H, K]``."""
+  """``U = (I + L)^{-1} beta v`` (float32) and ``N = -(I + L)^{-1} beta e^b k`` (k's dtype)
+  for every chunk, from ``k [B, T, H, K]``, ``v [B, T, H, V]``, ``beta [B, T, H]`` and the
+  gate factors ``vec [B, H, T / C, 4, C]`` (rows ``b``, ``e^b``, ``e^a``, document index);
+  returned as ``[B, T, H, V]`` and ``[B, T, H, K]``.
+
+  ``k k^T`` is exact (products of 16-bit values accumulate in float32); the inverse is
+  float32; its products with ``v`` and ``k`` run on the tensor cores as two 16-bit passes
+  (``_split_dot``), about 16 significant bits."""
   batch, length, heads, kd = k.shape
   nc = length // CHUNK
 
@@ -271,18 +275,48 @@ def corrections(k, v, beta, vec):
   def back(x):
     return x.transpose(0, 2, 3, 1, 4).reshape(batch, length, heads, -1)
 
-  kc, vc = by_chunk(k.astype(_F32)), by_chunk(v.astype(_F32))
-  bc = by_chunk(beta.astype(_F32)[..., None])                    # [B, H, NC, C, 1]
+  kc, vc = by_chunk(k), by_chunk(v)
+  beta_c = by_chunk(beta.astype(_F32)[..., None])[..., 0]        # [B, H, NC, C]
   b, into, doc = vec[..., 0, :], vec[..., 1, :], vec[..., 3, :]
   strict = jnp.tril(jnp.ones((CHUNK, CHUNK), bool), -1).reshape((1,) * 3 + (CHUNK, CHUNK))
   ok = strict & (doc[..., :, None] == doc[..., None, :])
   decay = base._exp_where(ok, b[..., :, None] - b[..., None, :])
-  kk = jnp.einsum("...tk,...sk->...ts", kc, kc, precision=lax.Precision.HIGHEST)
-  lower = bc * decay * kk
-  rhs = jnp.concatenate([bc * vc, -(bc * into[..., None]) * kc], axis=-1)
-  x = _solve(lower, rhs)
-  vd = v.shape[-1]
-  return back(x[..., :vd]), back(x[..., vd:]).astype(k.dtype)
+  kk = jnp.einsum("...tk,...sk->...ts", kc, kc, preferred_element_type=_F32)
+  inverse = _inverse(beta_c[..., :, None] * decay * kk)
+  u = _split_dot(inverse * beta_c[..., None, :], vc)
+  n = _split_dot(-inverse * (beta_c * into)[..., None, :], kc)
+  return back(u), back(n).astype(k.dtype)
+
+
+@jax.custom_vjp
+def _split_dot(a, x):
+  """``a @ x`` for float32 ``a [..., C, C]`` and 16-bit ``x [..., C, D]`` as two tensor-core
+  products (``a``'s high and low 16-bit parts), float32 result."""
+  return sum(jnp.einsum("...ts,...sd->...td", part, x, preferred_element_type=_F32)
+             for part in _halves(a, x.dtype))
+
+
+def _halves(a, dtype):
+  high = a.astype(dtype)
+  return high, (a - high.astype(_F32)).astype(dtype)
+
+
+def _split_dot_fwd(a, x):
+  return _split_dot(a, x), (a, x)
+
+
+def _split_dot_bwd(res, g):
+  a, x = res
+  g_parts, a_parts = _halves(g, x.dtype), _halves(a, x.dtype)
+  da = sum(jnp.einsum("...td,...sd->...ts", part, x, preferred_element_type=_F32)
+           for part in g_parts)
+  dx = sum(jnp.einsum("...ts,...td->...sd", ap, gp, preferred_element_type=_F32)
+           for ap, gp in ((a_parts[0], g_parts[0]), (a_parts[0], g_parts[1]),
+                          (a_parts[1], g_parts[0])))
+  return da, dx.astype(x.dtype)
+
+
+_split_dot.defvjp(_split_dot_fwd, _split_dot_bwd)
 
 
 def _dot(a, b):
@@ -324,11 +358,13 @@ def unit_lower_inverse(lower, block=16):
 SOLVE = "triangular_solve"
 
 
-def _solve(lower, rhs):
+def _inverse(lower):
+  """``(I + lower)^{-1}`` for strictly lower triangular ``lower [..., C, C]``, float32."""
   if SOLVE == "triangular_solve":
-    return lax.linalg.triangular_solve(lower, rhs, left_side=True, lower=True,
+    eye = jnp.broadcast_to(jnp.eye(lower.shape[-1], dtype=lower.dtype), lower.shape)
+    return lax.linalg.triangular_solve(lower, eye, left_side=True, lower=True,
                                        unit_diagonal=True)
-  return _dot(unit_lower_inverse(lower), rhs)
+  return unit_lower_inverse(lower)
 
 
 _corrections = jax.jit(corrections)

@@ -516,9 +516,12 @@ class LinearAttentionSuite:
     chunk_size = self.chunk_sizes[0]
     eager = run(problem, self.implementation, chunk_size, jit=False)
     jitted = run(problem, self.implementation, chunk_size, jit=True)
+    # float32 agrees to rounding; a bfloat16 result may differ in single elements by one
+    # ulp (2^-8) where XLA sums float32 terms in another order before the cast.
+    bound = 1e-6 if problem.dtype == jnp.float32 else 1e-4
     for name, x, y in zip(("out", "final_state", "grads"), eager, jitted):
       for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
-        assert rel_err(a, b) <= 1e-6, name
+        assert rel_err(a, b) <= bound, name
 
   @pytest.mark.parametrize("case", [
       Case("gla_causal", "gla", 65, 1.0, (segment_ids,)),
