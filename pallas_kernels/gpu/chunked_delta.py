@@ -245,10 +245,8 @@ def _chunked_bwd(static, res, cotangents):
   nc = static.num_chunks
   # dN = dd S^T from float32 dd as two products of the state's dtype (high and low part).
   by_chunk = dd.reshape(batch, nc, CHUNK, heads, static.value_dim)
-  high = by_chunk.astype(states.dtype)
-  low = (by_chunk - high.astype(_F32)).astype(states.dtype)
   dn = sum(jnp.einsum("bnchv,bhnkv->bnchk", x, states, preferred_element_type=_F32)
-           for x in (high, low))
+           for x in _halves(by_chunk, states.dtype))
   dvec = jnp.concatenate([dvec, jnp.zeros_like(dvec[..., :1, :])], axis=-2)  # document ids
   return (dq, dk, dn.reshape(q.shape).astype(n.dtype), dd, dvec,
           dtot.sum((0, -1)), dh0)
@@ -297,8 +295,13 @@ def _split_dot(a, x):
 
 
 def _halves(a, dtype):
-  high = a.astype(dtype)
-  return high, (a - high.astype(_F32)).astype(dtype)
+  """``a`` (float32) as ``high + low`` in ``dtype``: ``high`` keeps ``dtype``'s mantissa
+  bits of ``a`` (cut with a bit mask: XLA may drop a float32 -> 16-bit -> float32 round
+  trip, its excess-precision rule, which would make ``low`` zero), ``low`` the rest."""
+  mask = 0xFFFF0000 if jnp.dtype(dtype) == jnp.bfloat16 else 0xFFFFE000
+  bits = lax.bitcast_convert_type(a, jnp.uint32) & jnp.uint32(mask)
+  high = lax.bitcast_convert_type(bits, _F32)
+  return high.astype(dtype), (a - high).astype(dtype)
 
 
 def _split_dot_fwd(a, x):
