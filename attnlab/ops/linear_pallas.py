@@ -80,9 +80,6 @@ def linear_pallas_automatic(call) -> str | None:
     if jax.device_count() > 1:
       return ("the GPU kernel's sharded path is untested on several GPUs; "
               "name implementation='pallas'")
-    if call.beta is not None:
-      return ("the GPU delta rules' chunk corrections run in XLA and make the pallas path "
-              "slower than xla on an H100 (docs/benchmarks.md); name implementation='pallas'")
     return not_hopper_reason()
   if backend == "gpu":
     return "interpreted kernels are for tests; name implementation='pallas'"

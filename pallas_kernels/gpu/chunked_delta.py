@@ -322,52 +322,12 @@ def _split_dot_bwd(res, g):
 _split_dot.defvjp(_split_dot_fwd, _split_dot_bwd)
 
 
-def _dot(a, b):
-  return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
-
-
-def unit_lower_inverse(lower, block=16):
-  """``(I + lower)^{-1}`` for strictly lower triangular ``lower [..., n, n]`` (float32),
-  by blocks: each ``block x block`` diagonal block from the finite series
-  ``(I - L)(I + L^2)(I + L^4)...`` (``L^block = 0``), then pairs of blocks merged as
-  ``[[A, 0], [C, B]]^{-1} = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]`` (blocked substitution)."""
-  n = lower.shape[-1]
-  lead = lower.shape[:-2]
-
-  def diagonal_blocks(size):   # [..., n / size, size, size]
-    return jnp.stack([lower[..., i:i + size, i:i + size] for i in range(0, n, size)], -3)
-
-  diag = diagonal_blocks(block)
-  eye = jnp.eye(block, dtype=lower.dtype)
-  inv, power = eye - diag, diag
-  width = 2
-  while width < block:
-    power = _dot(power, power)
-    inv = _dot(inv, eye + power)
-    width *= 2
-  size = block
-  while size < n:   # inv [..., n / size, size, size] -> [..., n / (2 size), 2 size, 2 size]
-    pairs = inv.reshape(lead + (n // (2 * size), 2, size, size))
-    a_inv, b_inv = pairs[..., 0, :, :], pairs[..., 1, :, :]
-    c = diagonal_blocks(2 * size)[..., size:, :size]
-    low = -_dot(b_inv, _dot(c, a_inv))
-    top = jnp.concatenate([a_inv, jnp.zeros_like(a_inv)], axis=-1)
-    bottom = jnp.concatenate([low, b_inv], axis=-1)
-    inv = jnp.concatenate([top, bottom], axis=-2)
-    size *= 2
-  return inv.reshape(lead + (n, n))
-
-
-SOLVE = "triangular_solve"
-
-
 def _inverse(lower):
-  """``(I + lower)^{-1}`` for strictly lower triangular ``lower [..., C, C]``, float32."""
-  if SOLVE == "triangular_solve":
-    eye = jnp.broadcast_to(jnp.eye(lower.shape[-1], dtype=lower.dtype), lower.shape)
-    return lax.linalg.triangular_solve(lower, eye, left_side=True, lower=True,
-                                       unit_diagonal=True)
-  return unit_lower_inverse(lower)
+  """``(I + lower)^{-1}`` for strictly lower triangular ``lower [..., C, C]``, float32
+  (substitution; a blocked inverse from matrix products measured the same on an H100)."""
+  eye = jnp.broadcast_to(jnp.eye(lower.shape[-1], dtype=lower.dtype), lower.shape)
+  return lax.linalg.triangular_solve(lower, eye, left_side=True, lower=True,
+                                     unit_diagonal=True)
 
 
 _corrections = jax.jit(corrections)
