@@ -82,10 +82,8 @@ def check(case, rng, interpret):
 INTERPRETED_CASES = [
     # Two chunks, padding, two value blocks, documents (one start on the chunk edge).
     DeltaCase("T100_V128_docs_init", 100, value_dim=128, documents=True),
-    # The delta rule (no gate), K = 128 != V.
-    DeltaCase("T70_K128_delta", 70, key_dim=128, gated=False),
-    # Gates of exactly -20: e^{G} underflows, the decay gradients are ~e^-20.
-    DeltaCase("T70_g-20_exact", 70, strength=20.0, exact_gates=True),
+    # K = 128 != V; gates of exactly -20: e^{G} underflows, decay gradients are ~e^-20.
+    DeltaCase("T70_K128_g-20_exact", 70, key_dim=128, strength=20.0, exact_gates=True),
 ]
 
 
@@ -96,6 +94,8 @@ def test_interpreted_kernel_matches_oracle(case, rng):
 
 
 GPU_CASES = INTERPRETED_CASES + [
+    # The delta rule (no gate).
+    DeltaCase("T70_K128_delta_on_gpu", 70, key_dim=128, gated=False),
     DeltaCase("T1000_K128_V128_docs_init_on_gpu", 1000, key_dim=128, value_dim=128,
               documents=True, batch=2, heads=3),
     DeltaCase("T257_K128_V64_delta_on_gpu", 257, key_dim=128, gated=False,
