@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.gpu import chunked_delta as cd
 from tests import oracle_linear as oracle
-from tests.ops.test_linear_attention import rel_err, to_f64
-from tests.pallas_kernels.gpu.test_chunked_linear import (TOLERANCE, Case, gpu_only,
-                                                          interpreted)
+from tests.pallas_kernels.gpu.test_chunked_linear import Case, gpu_only, interpreted
 from tests.pallas_kernels.gpu.test_chunked_linear import _inputs as _gla_inputs
-
-SCALE = 0.3
+from tests.pallas_kernels.gpu.test_chunked_linear import check as base_check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,37 +42,12 @@ def _inputs(case: DeltaCase, rng):
   return diff, segment_ids, cotangents
 
 
-def run(case, diff, segment_ids, cotangents, *, interpret):
-  op = cd.gated_delta_rule if case.gated else cd.delta_rule
-
-  def forward_backward(diff, segment_ids, cotangents):
-    def call(diff):
-      return op(**diff, scale=SCALE, output_final_state=True, segment_ids=segment_ids,
-                interpret=interpret)
-    (o, state), vjp = jax.vjp(call, diff)
-    return o, state, vjp(cotangents)[0]
-
-  fn = forward_backward if interpret else jax.jit(forward_backward)
-  return fn(diff, segment_ids, cotangents)
-
-
 def check(case, rng, interpret):
-  diff, segment_ids, cotangents = _inputs(case, rng)
-  out, final, grads = run(case, diff, segment_ids, cotangents, interpret=interpret)
-  ref_diff = {n: to_f64(x) for n, x in diff.items()}
-  ref = oracle.gated_delta_rule(
-      ref_diff["q"], ref_diff["k"], ref_diff["v"], ref_diff.get("g"), ref_diff["beta"],
-      scale=SCALE, initial_state=ref_diff.get("initial_state"),
-      segment_ids=None if segment_ids is None else np.asarray(segment_ids),
-      dout=to_f64(cotangents[0]), dfinal=to_f64(cotangents[1]))
-  assert out.dtype == case.dtype and out.shape == diff["v"].shape
-  assert {n: g.dtype for n, g in grads.items()} == {n: x.dtype for n, x in diff.items()}
-  errors = {"out": rel_err(to_f64(out), ref.out),
-            "final_state": rel_err(to_f64(final), ref.final_state)}
-  errors.update({f"d{n}": rel_err(to_f64(grads[n]), ref.grads[n]) for n in diff})
-  assert all(np.isfinite(v) and v <= TOLERANCE[case.dtype] for v in errors.values()), (
-      f"{errors}")
-  return errors
+  def reference(q, k, v, g=None, beta=None, **options):
+    return oracle.gated_delta_rule(q, k, v, g, beta, **options)
+
+  return base_check(case, rng, interpret, inputs=_inputs, reference=reference,
+                    op=cd.gated_delta_rule if case.gated else cd.delta_rule)
 
 
 INTERPRETED_CASES = [

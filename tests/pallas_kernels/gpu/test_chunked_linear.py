@@ -77,11 +77,11 @@ def _inputs(case: Case, rng):
   return diff, segment_ids, cotangents
 
 
-def run(diff, segment_ids, cotangents, *, interpret, scale=0.3):
+def run(diff, segment_ids, cotangents, *, interpret, op=cl.simple_gla, scale=0.3):
   def forward_backward(diff, segment_ids, cotangents):
     def call(diff):
-      return cl.simple_gla(**diff, scale=scale, output_final_state=True,
-                           segment_ids=segment_ids, interpret=interpret)
+      return op(**diff, scale=scale, output_final_state=True, segment_ids=segment_ids,
+                interpret=interpret)
     (o, state), vjp = jax.vjp(call, diff)
     return o, state, vjp(cotangents)[0]
 
@@ -89,12 +89,15 @@ def run(diff, segment_ids, cotangents, *, interpret, scale=0.3):
   return fn(diff, segment_ids, cotangents)
 
 
-def check(case, rng, interpret):
-  diff, segment_ids, cotangents = _inputs(case, rng)
-  out, final, grads = run(diff, segment_ids, cotangents, interpret=interpret)
-  ref = oracle.simple_gla(**{n: to_f64(x) for n, x in diff.items()}, scale=0.3,
-                          segment_ids=None if segment_ids is None else np.asarray(segment_ids),
-                          dout=to_f64(cotangents[0]), dfinal=to_f64(cotangents[1]))
+def check(case, rng, interpret, *, inputs=_inputs, op=cl.simple_gla,
+          reference=oracle.simple_gla):
+  """``op`` on ``inputs(case, rng)`` against the oracle ``reference`` (same argument
+  names); returns the relative errors."""
+  diff, segment_ids, cotangents = inputs(case, rng)
+  out, final, grads = run(diff, segment_ids, cotangents, interpret=interpret, op=op)
+  ref = reference(**{n: to_f64(x) for n, x in diff.items()}, scale=0.3,
+                  segment_ids=None if segment_ids is None else np.asarray(segment_ids),
+                  dout=to_f64(cotangents[0]), dfinal=to_f64(cotangents[1]))
   assert out.dtype == case.dtype and out.shape == diff["v"].shape
   assert {n: g.dtype for n, g in grads.items()} == {n: x.dtype for n, x in diff.items()}
   errors = {"out": rel_err(to_f64(out), ref.out),
