@@ -16,8 +16,8 @@ kernels; float32 states and accumulation.
   ``pallas_kernels/gpu/chunked_linear.py``) and the delta rules (``delta_rule``,
   ``gated_delta_rule``, ``pallas_kernels/gpu/chunked_delta.py``) with q / k / v bfloat16 or
   float16, key and value head dims 64 or 128, chunks of 64. GLA has no Mosaic GPU kernel
-  yet: the tier refuses it with that reason and automatic dispatch runs xla. Tested on an H100 and, on CPU,
-  in the Mosaic GPU interpreter (``interpret_kernels("gpu")``).
+  yet: the tier refuses it with that reason and automatic dispatch runs xla. Tested on an
+  H100 and, on CPU, in the Mosaic GPU interpreter (``interpret_kernels("gpu")``).
 """
 
 from __future__ import annotations
