@@ -51,6 +51,7 @@ import jax.experimental.pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gpu import chunked_linear as base
+from pallas_kernels.gpu import chunked_ut as ut
 from pallas_kernels.gpu import tiles
 
 # The launch helpers, chunk factors and checks of the simple GLA kernels are shared.
@@ -216,121 +217,53 @@ def _backward_call(static, q, k, n, d_o, states, d, vec, tot, dfinal):
 _BTHD, _BH = (0, 2), (0, 1)
 
 
-def _fwd_impl(static, q, k, n, u, vec, tot, h0):
-  return base._shielded(static, functools.partial(_forward, static),
-                        (q, k, n, u, vec, base._tot_lanes(static, tot), h0),
-                        (_BTHD,) * 4 + (_BH,) * 3, (_BTHD, _BH, _BTHD, _BH))
+def _forward_all(static, q, k, v, beta, vec, tot, h0):
+  u, n, xt = ut.forward_call(static, k, v, beta, vec)
+  o, states, d, final = _forward(static, q, k, n, u, vec, tot, h0)
+  return o, final, states, d, n, xt
+
+
+def _fwd_impl(static, q, k, v, beta, vec, tot, h0):
+  return base._shielded(static, functools.partial(_forward_all, static),
+                        (q, k, v, beta, vec, base._tot_lanes(static, tot), h0),
+                        (_BTHD,) * 3 + (_BH,) * 4, (_BTHD, _BH, _BH, _BTHD, _BTHD, _BH))
+
+
+def _backward_all(static, q, k, v, beta, n, xt, d_o, states, d, vec, tot, dfinal):
+  dq, dk, dd, dvec, dtot, dh0 = _backward_call(static, q, k, n, d_o, states, d, vec, tot,
+                                               dfinal)
+  dk_ut, dv, dvec_ut = ut.backward_call(static, k, v, beta, vec, xt, dd, states)
+  dk = (dk.astype(_F32) + dk_ut).astype(k.dtype)
+  return dq, dk, dv, dvec, dvec_ut, dtot, dh0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked(static, q, k, n, u, vec, tot, h0):
-  o, _, _, final = _fwd_impl(static, q, k, n, u, vec, tot, h0)
+def _chunked(static, q, k, v, beta, vec, tot, h0):
+  o, final = _fwd_impl(static, q, k, v, beta, vec, tot, h0)[:2]
   return o, final
 
 
-def _chunked_fwd(static, q, k, n, u, vec, tot, h0):
-  o, states, d, final = _fwd_impl(static, q, k, n, u, vec, tot, h0)
-  return (o, final), (q, k, n, vec, tot, states, d)
+def _chunked_fwd(static, q, k, v, beta, vec, tot, h0):
+  o, final, states, d, n, xt = _fwd_impl(static, q, k, v, beta, vec, tot, h0)
+  return (o, final), (q, k, v, beta, vec, tot, states, d, n, xt)
 
 
 def _chunked_bwd(static, res, cotangents):
-  q, k, n, vec, tot, states, d = res
+  q, k, v, beta, vec, tot, states, d, n, xt = res
   d_o, dfinal = cotangents
-  dq, dk, dd, dvec, dtot, dh0 = base._shielded(
-      static, functools.partial(_backward_call, static),
-      (q, k, n, d_o.astype(q.dtype), states, d, vec, base._tot_lanes(static, tot),
-       dfinal.astype(_F32)),
-      (_BTHD,) * 4 + (_BH, _BTHD) + (_BH,) * 3, (_BTHD, _BTHD, _BTHD, _BH, (1, 2), _BH))
-  batch, length, heads, kd = q.shape
-  nc = static.num_chunks
-  # dN = dd S^T from float32 dd as two products of the state's dtype (high and low part).
-  by_chunk = dd.reshape(batch, nc, CHUNK, heads, static.value_dim)
-  dn = sum(jnp.einsum("bnchv,bhnkv->bnchk", x, states, preferred_element_type=_F32)
-           for x in _halves(by_chunk, states.dtype))
-  dvec = jnp.concatenate([dvec, jnp.zeros_like(dvec[..., :1, :])], axis=-2)  # document ids
-  return (dq, dk, dn.reshape(q.shape).astype(n.dtype), dd, dvec,
-          dtot.sum((0, -1)), dh0)
+  dq, dk, dv, dvec, dvec_ut, dtot, dh0 = base._shielded(
+      static, functools.partial(_backward_all, static),
+      (q, k, v, beta, n, xt, d_o.astype(q.dtype), states, d, vec,
+       base._tot_lanes(static, tot), dfinal.astype(_F32)),
+      (_BTHD,) * 3 + (_BH, _BTHD, _BH, _BTHD, _BH, _BTHD) + (_BH,) * 3,
+      (_BTHD,) * 3 + (_BH, _BH, (1, 2), _BH))
+  # vec rows: b, e^b (from the walks and the UT transform), e^a, document ids.
+  dvec = jnp.stack([dvec[..., 0, :] + dvec_ut[..., 0, :], dvec[..., 1, :] + dvec_ut[..., 1, :],
+                    dvec[..., 2, :], jnp.zeros_like(dvec[..., 2, :])], axis=-2)
+  return dq, dk, dv, dvec_ut[..., 2, :], dvec, dtot.sum((0, -1)), dh0
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
-
-
-def corrections(k, v, beta, vec):
-  """``U = (I + L)^{-1} beta v`` (float32) and ``N = -(I + L)^{-1} beta e^b k`` (k's dtype)
-  for every chunk, from ``k [B, T, H, K]``, ``v [B, T, H, V]``, ``beta [B, T, H]`` and the
-  gate factors ``vec [B, H, T / C, 4, C]`` (rows ``b``, ``e^b``, ``e^a``, document index);
-  returned as ``[B, T, H, V]`` and ``[B, T, H, K]``.
-
-  ``k k^T`` is exact (products of 16-bit values accumulate in float32); the inverse is
-  float32; its products with ``v`` and ``k`` run on the tensor cores as two 16-bit passes
-  (``_split_dot``), about 16 significant bits."""
-  batch, length, heads, kd = k.shape
-  nc = length // CHUNK
-
-  def by_chunk(x):   # [B, T, H, D] -> [B, H, NC, C, D]
-    return x.reshape(batch, nc, CHUNK, heads, -1).transpose(0, 3, 1, 2, 4)
-
-  def back(x):
-    return x.transpose(0, 2, 3, 1, 4).reshape(batch, length, heads, -1)
-
-  kc, vc = by_chunk(k), by_chunk(v)
-  beta_c = by_chunk(beta.astype(_F32)[..., None])[..., 0]        # [B, H, NC, C]
-  b, into, doc = vec[..., 0, :], vec[..., 1, :], vec[..., 3, :]
-  strict = jnp.tril(jnp.ones((CHUNK, CHUNK), bool), -1).reshape((1,) * 3 + (CHUNK, CHUNK))
-  ok = strict & (doc[..., :, None] == doc[..., None, :])
-  decay = base._exp_where(ok, b[..., :, None] - b[..., None, :])
-  kk = jnp.einsum("...tk,...sk->...ts", kc, kc, preferred_element_type=_F32)
-  inverse = _inverse(beta_c[..., :, None] * decay * kk)
-  u = _split_dot(inverse * beta_c[..., None, :], vc)
-  n = _split_dot(-inverse * (beta_c * into)[..., None, :], kc)
-  return back(u), back(n).astype(k.dtype)
-
-
-@jax.custom_vjp
-def _split_dot(a, x):
-  """``a @ x`` for float32 ``a [..., C, C]`` and 16-bit ``x [..., C, D]`` as two tensor-core
-  products (``a``'s high and low 16-bit parts), float32 result."""
-  return sum(jnp.einsum("...ts,...sd->...td", part, x, preferred_element_type=_F32)
-             for part in _halves(a, x.dtype))
-
-
-def _halves(a, dtype):
-  """``a`` (float32) as ``high + low`` in ``dtype``: ``high`` keeps ``dtype``'s mantissa
-  bits of ``a`` (cut with a bit mask: XLA may drop a float32 -> 16-bit -> float32 round
-  trip, its excess-precision rule, which would make ``low`` zero), ``low`` the rest."""
-  mask = 0xFFFF0000 if jnp.dtype(dtype) == jnp.bfloat16 else 0xFFFFE000
-  bits = lax.bitcast_convert_type(a, jnp.uint32) & jnp.uint32(mask)
-  high = lax.bitcast_convert_type(bits, _F32)
-  return high.astype(dtype), (a - high).astype(dtype)
-
-
-def _split_dot_fwd(a, x):
-  return _split_dot(a, x), (a, x)
-
-
-def _split_dot_bwd(res, g):
-  a, x = res
-  g_parts, a_parts = _halves(g, x.dtype), _halves(a, x.dtype)
-  da = sum(jnp.einsum("...td,...sd->...ts", part, x, preferred_element_type=_F32)
-           for part in g_parts)
-  dx = sum(jnp.einsum("...ts,...td->...sd", ap, gp, preferred_element_type=_F32)
-           for ap, gp in ((a_parts[0], g_parts[0]), (a_parts[0], g_parts[1]),
-                          (a_parts[1], g_parts[0])))
-  return da, dx.astype(x.dtype)
-
-
-_split_dot.defvjp(_split_dot_fwd, _split_dot_bwd)
-
-
-def _inverse(lower):
-  """``(I + lower)^{-1}`` for strictly lower triangular ``lower [..., C, C]``, float32
-  (substitution; a blocked inverse from matrix products measured the same on an H100)."""
-  eye = jnp.broadcast_to(jnp.eye(lower.shape[-1], dtype=lower.dtype), lower.shape)
-  return lax.linalg.triangular_solve(lower, eye, left_side=True, lower=True,
-                                     unit_diagonal=True)
-
-
-_corrections = jax.jit(corrections)
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale, initial_state=None,
@@ -364,11 +297,12 @@ def gated_delta_rule(q, k, v, g, beta, *, scale, initial_state=None,
     ids = jnp.pad(jnp.asarray(segment_ids), ((0, 0), (0, pad)), mode="edge")
     starts = jnp.zeros((batch, padded), bool).at[:, 1:].set(ids[:, 1:] != ids[:, :-1])
   vec, tot = base._gate_factors(g, starts)
-  u, n = _corrections(k, v, beta, vec)
+  nc = padded // CHUNK
+  beta = beta.reshape(batch, nc, CHUNK, heads).transpose(0, 3, 1, 2)   # [B, H, NC, C]
   h0 = (jnp.zeros((batch, heads, kd, vd), _F32) if initial_state is None
         else initial_state.astype(_F32))
-  static = base._Static(float(scale), padded // CHUNK, kd, vd, bool(interpret))
-  o, final = _chunked(static, q, k, n, u, vec, tot, h0)
+  static = base._Static(float(scale), nc, kd, vd, bool(interpret))
+  o, final = _chunked(static, q, k, v, beta, vec, tot, h0)
   o = o[:, :length] if pad else o
   return o, (final if output_final_state else None)
 

@@ -1,0 +1,287 @@
+"""The delta rules' per-chunk UT transform for Hopper GPUs in Mosaic GPU: forward and
+backward, one CTA per (chunk, head, batch row).
+
+For a chunk of ``C = 64`` tokens with keys ``k``, values ``v``, write strengths ``beta``,
+gates summed from the chunk's (or the document's) start ``b`` and ``e^b`` ("into"; see
+``chunked_delta.py``)::
+
+    L_ts = beta_t e^{b_t - b_s} k_t . k_s      (s < t, same document; else 0)
+    T = (I + L)^{-1}     U = T diag(beta) v     N = -T diag(beta e^b) k
+
+Forward: ``k k^T`` on the tensor cores; ``T`` by forward substitution in float32
+registers, kept transposed (``X = T^T``: step ``s`` subtracts ``L_ts X[:, s]`` from every
+column ``t > s``, with ``X[:, s]`` a masked row sum and ``L[:, s]`` a row of ``L^T`` in
+shared memory), the same arithmetic as a triangular solve. ``U`` and ``N`` are products of
+``X`` (split into a high and a low 16-bit part, about 16 significant bits) with the 16-bit
+``v`` and ``k``. Saves ``X`` (float32) for the backward.
+
+Backward, from ``dU`` (float32) and the states ``S`` entering the chunks (``d = U + N S``
+in ``chunked_delta.py``, so ``dN = dU S^T``)::
+
+    dT = dU (diag(beta) v)^T + dN (diag(beta e^b) k)^T     (dN' = -dN below)
+    d(diag(beta) v) = T^T dU      d(diag(beta e^b) k) = -T^T dN
+    dL = -T^T dT T^T     on the strictly lower same-document pairs
+
+and through ``L``: with ``F = dL * D * beta_rows`` (``D`` the pair decay), ``dk += F k +
+F^T k``, ``dbeta += rowsum(dL * D * k k^T)``, ``db += rowsum(F * kk) - colsum(F * kk)``.
+Products of two float32 operands take three 16-bit passes (high x high, high x low,
+low x high); ``colsum`` is a product with a tile of ones.
+
+Inputs bfloat16 or float16; ``K`` and ``V`` 64 or 128.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.gpu import chunked_linear as base
+from pallas_kernels.gpu import tiles
+
+# pylint: disable=protected-access
+CHUNK = base.CHUNK
+_F32 = jnp.float32
+_TILE, _ROW, _COL = base._TILE, base._ROW, base._COL
+_SQUARE = (CHUNK, CHUNK)
+
+
+def _split(static, x, dtype):
+  """``x`` (float32) as ``high + low`` in ``dtype``. The interpreter's arrays go through
+  XLA, whose excess-precision rule may drop a float32 -> 16-bit -> float32 round trip, so
+  there ``high`` is cut with a bit mask; compiled, ``high`` is ``x`` rounded."""
+  if static.interpret:
+    mask = 0xFFFF0000 if jnp.dtype(dtype) == jnp.bfloat16 else 0xFFFFE000
+    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(mask)
+    high = lax.bitcast_convert_type(bits, _F32)
+    return high.astype(dtype), (x - high).astype(dtype)
+  high = x.astype(dtype)
+  return high, (x - high.astype(_F32)).astype(dtype)
+
+
+def _store_split(static, x, hi_s, lo_s):
+  hi, lo = _split(static, x, hi_s.dtype)
+  hi_s[...] = hi
+  lo_s[...] = lo
+
+
+def _dot3(static, a_pair, b_pair, shape, transpose_a=False, transpose_b=False):
+  """``a @ b`` of two split float32 tiles: high x high + high x low + low x high."""
+  (a_hi, a_lo), (b_hi, b_lo) = a_pair, b_pair
+  mm = functools.partial(tiles.matmul_add, interpret=static.interpret,
+                         transpose_a=transpose_a, transpose_b=transpose_b)
+  out = tiles.matmul(a_hi, b_hi, shape, static.interpret, transpose_b=transpose_b,
+                     transpose_a=transpose_a)
+  return mm(mm(out, a_hi, b_lo), a_lo, b_hi)
+
+
+def _dot2(static, a_pair, b, shape, transpose_a=False, transpose_b=False):
+  """``a @ b`` of a split float32 tile and a 16-bit tile."""
+  a_hi, a_lo = a_pair
+  out = tiles.matmul(a_hi, b, shape, static.interpret, transpose_b=transpose_b,
+                     transpose_a=transpose_a)
+  return tiles.matmul_add(out, a_lo, b, static.interpret, transpose_b=transpose_b,
+                          transpose_a=transpose_a)
+
+
+def _position():
+  c, head, batch = base._chunk_position()
+  return c, head, batch, (batch, pl.ds(c * CHUNK, CHUNK), head)
+
+
+def _factors(static, vec_s, vect_s, beta_s, betat_s):
+  x = base._vectors(static, vec_s, vect_s)
+  ld = functools.partial(tiles.load, interpret=static.interpret)
+  x.update(beta_row=ld(beta_s, _ROW), beta_col=ld(betat_s, _COL),
+           into_col=ld(vect_s.at[1], _COL))
+  return x
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def _forward_kernel(static, refs, scratch):
+  k_s, v_s, vec_s, vect_s, beta_s, betat_s, lt_s, hi_s, lo_s, bar = scratch
+  interp = static.interpret
+  c, head, batch, rows = _position()
+  base._copy_in([(refs["k"].at[rows], k_s), (refs["v"].at[rows], v_s),
+                 (refs["vec"].at[batch, head, c], vec_s),
+                 (refs["vec"].at[batch, head, c], vect_s),
+                 (refs["beta"].at[batch, head, c], beta_s),
+                 (refs["beta"].at[batch, head, c], betat_s)], bar)
+  plgpu.barrier_wait(bar)
+  x = _factors(static, vec_s, vect_s, beta_s, betat_s)
+
+  # L^T (keys on rows): L^T[s, t] = beta_t e^{b_t - b_s} k_s . k_t for t > s.
+  kk = tiles.matmul(k_s, k_s, _SQUARE, interp, transpose_b=True)
+  decay_t, strict_t = base._pair_decay(static, x["b_row"], x["b_col"], x["d_row"],
+                                       x["d_col"], True)
+  lt_s[...] = jnp.where(strict_t, kk * decay_t * tiles.cols(x["beta_col"], _SQUARE), 0.0)
+  plgpu.commit_smem()
+
+  r, col = tiles.iota(_SQUARE, 0, interp), tiles.iota(_SQUARE, 1, interp)
+  eye = jnp.where(r == col, 1.0, 0.0)
+
+  def substitute(s, xt):   # column t of xt (row t of T) loses L_ts T[s, :]
+    t_s = jnp.where(col == s, xt, 0.0).sum(axis=1)
+    l_s = tiles.load(lt_s.at[s], _COL, interp)
+    return xt - tiles.rows(t_s, _SQUARE) * tiles.cols(l_s, _SQUARE)
+
+  xt = lax.fori_loop(0, CHUNK - 1, substitute, eye)
+
+  # U = T diag(beta) v, N = -T diag(beta e^b) k: X's rows scaled, transposed operand.
+  _store_split(static, xt * tiles.rows(x["beta_row"], _SQUARE), hi_s, lo_s)
+  plgpu.commit_smem()
+  u = _dot2(static, (hi_s, lo_s), v_s, (CHUNK, static.value_dim), transpose_a=True)
+  base._stage_out(static, u, refs["u"].at[rows])
+  _store_split(static, xt * tiles.rows(-x["beta_row"] * x["into"], _SQUARE), hi_s, lo_s)
+  plgpu.commit_smem()
+  n = _dot2(static, (hi_s, lo_s), k_s, (CHUNK, static.key_dim), transpose_a=True)
+
+  def out_n(n_s):
+    n_s[...] = n.astype(n_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(n_s, refs["n"].at[rows])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  pl.run_scoped(out_n, tiles.swizzled((CHUNK, static.key_dim), k_s.dtype))
+  lt_s[...] = xt
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(lt_s, refs["xt"].at[batch, head, c])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def forward_call(static, k, v, beta, vec):
+  """``U [B, T, H, V]`` float32, ``N [B, T, H, K]`` in k's dtype and ``X = T^T
+  [B, H, T / C, C, C]`` float32 from ``k``, ``v``, ``beta [B, H, T / C, C]`` float32 and
+  the gate factors ``vec [B, H, T / C, 4, C]``."""
+  b, tp, heads, kd = k.shape
+  vd, nc, dtype = static.value_dim, static.num_chunks, k.dtype
+  return base._parallel(
+      static, _forward_kernel, dict(k=k, v=v, vec=vec, beta=beta),
+      dict(u=jax.ShapeDtypeStruct((b, tp, heads, vd), _F32),
+           n=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
+           xt=jax.ShapeDtypeStruct((b, heads, nc, CHUNK, CHUNK), _F32)),
+      (tiles.swizzled((CHUNK, kd), dtype), tiles.swizzled((CHUNK, vd), dtype),
+       plgpu.SMEM((4, CHUNK), _F32), plgpu.SMEM((4, CHUNK), _F32),
+       plgpu.SMEM((CHUNK,), _F32), plgpu.SMEM((CHUNK,), _F32), plgpu.SMEM(_SQUARE, _F32),
+       tiles.swizzled(_SQUARE, dtype), tiles.swizzled(_SQUARE, dtype),
+       plgpu.Barrier(num_arrivals=6)), b, heads)
+
+
+# -------------------------------------------------------------------------- backward
+
+
+def _backward_kernel(static, refs, scratch):
+  (k_s, v_s, h_s, vec_s, vect_s, beta_s, betat_s, xhi_s, xlo_s, ahi_s, alo_s, ones_s,
+   dvec_s, bar, one) = scratch
+  interp = static.interpret
+  c, head, batch, rows = _position()
+  kd, vd, dtype = static.key_dim, static.value_dim, k_s.dtype
+  base._copy_in([(refs["k"].at[rows], k_s), (refs["v"].at[rows], v_s),
+                 (refs["states"].at[batch, head, c], h_s),
+                 (refs["vec"].at[batch, head, c], vec_s),
+                 (refs["vec"].at[batch, head, c], vect_s),
+                 (refs["beta"].at[batch, head, c], beta_s),
+                 (refs["beta"].at[batch, head, c], betat_s)], bar)
+  xt = base._load_f32(static, refs["xt"].at[batch, head, c], _SQUARE, one)
+  plgpu.barrier_wait(bar)
+  x = _factors(static, vec_s, vect_s, beta_s, betat_s)
+  beta_into = x["beta_row"] * x["into"]
+  _store_split(static, xt, xhi_s, xlo_s)
+  ones_s[...] = (tiles.zeros(_SQUARE, interp) + 1.0).astype(dtype)
+  plgpu.commit_smem()
+  xt_pair = (xhi_s, xlo_s)
+  kf = tiles.load(k_s, _TILE, interp).astype(_F32)
+  vf = tiles.load(v_s, _TILE, interp).astype(_F32)
+
+  def phase1(dhi_s, dlo_s, nhi_s, nlo_s, out_s):
+    du = base._load_f32(static, refs["du"].at[rows], (CHUNK, vd), one)
+    _store_split(static, du, dhi_s, dlo_s)
+    plgpu.commit_smem()
+    du_pair = (dhi_s, dlo_s)
+    dn = _dot2(static, du_pair, h_s, (CHUNK, kd), transpose_b=True)   # dN = dU S^T
+    _store_split(static, -dn, nhi_s, nlo_s)                           # -dN
+    plgpu.commit_smem()
+    dn_pair = (nhi_s, nlo_s)
+    # dv and the value / key halves of dbeta and d e^b.
+    dbv = _dot3(static, xt_pair, du_pair, (CHUNK, vd))               # T^T dU
+    out_s[...] = (dbv * tiles.rows(x["beta_row"], dbv.shape)).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_s, refs["dv"].at[rows])
+    dbk = _dot3(static, xt_pair, dn_pair, (CHUNK, kd))               # -T^T dN
+    kdbk = (dbk * kf).sum(axis=1)
+    dbeta = (dbv * vf).sum(axis=1) + kdbk * x["into"]
+    d_into = kdbk * x["beta_row"]
+    dk = dbk * tiles.rows(beta_into, dbk.shape)
+    # dT = dU (beta v)^T - dN (beta e^b k)^T (column scales).
+    dt = _dot2(static, du_pair, v_s, _SQUARE, transpose_b=True)
+    dt = dt * tiles.cols(x["beta_col"], _SQUARE)
+    dt2 = _dot2(static, dn_pair, k_s, _SQUARE, transpose_b=True)
+    dt = dt + dt2 * tiles.cols(x["beta_col"] * x["into_col"], _SQUARE)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    return dk, dt, dbeta, d_into
+
+  dk, dt, dbeta, d_into = pl.run_scoped(
+      phase1, tiles.swizzled((CHUNK, vd), dtype), tiles.swizzled((CHUNK, vd), dtype),
+      tiles.swizzled((CHUNK, kd), dtype), tiles.swizzled((CHUNK, kd), dtype),
+      tiles.swizzled((CHUNK, vd), dtype))
+
+  # dL = -T^T dT T^T = -(X dT) X on the strictly lower same-document pairs.
+  _store_split(static, dt, ahi_s, alo_s)
+  plgpu.commit_smem()
+  y = _dot3(static, xt_pair, (ahi_s, alo_s), _SQUARE)
+  _store_split(static, y, ahi_s, alo_s)
+  plgpu.commit_smem()
+  dl = -_dot3(static, (ahi_s, alo_s), xt_pair, _SQUARE)
+  decay, strict = base._pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"],
+                                   False)
+  kk = tiles.matmul(k_s, k_s, _SQUARE, interp, transpose_b=True)
+  g = jnp.where(strict, dl * decay, 0.0)               # dL * D
+  dbeta = dbeta + (g * kk).sum(axis=1)
+  f = g * tiles.rows(x["beta_row"], _SQUARE)           # F = dL * D * beta_t
+  p = f * kk                                           # dL * L
+  _store_split(static, f, ahi_s, alo_s)
+  plgpu.commit_smem()
+  dk = tiles.matmul_add(dk, ahi_s, k_s, interp)
+  dk = tiles.matmul_add(dk, alo_s, k_s, interp)
+  dk = tiles.matmul_add(dk, ahi_s, k_s, interp, transpose_a=True)
+  dk = tiles.matmul_add(dk, alo_s, k_s, interp, transpose_a=True)
+  _store_split(static, p, ahi_s, alo_s)
+  plgpu.commit_smem()
+  colsum = _dot2(static, (ahi_s, alo_s), ones_s, _SQUARE, transpose_a=True)
+  db = p.sum(axis=1) - colsum.sum(axis=1) * (1.0 / CHUNK)
+
+  dvec_s.at[0][...] = db
+  dvec_s.at[1][...] = d_into
+  dvec_s.at[2][...] = dbeta
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(dvec_s, refs["dvec"].at[batch, head, c])
+  base._stage_out(static, dk, refs["dk"].at[rows])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def backward_call(static, k, v, beta, vec, xt, du, states):
+  """``dk [B, T, H, K]`` float32, ``dv [B, T, H, V]`` in v's dtype and ``[B, H, T / C, 3,
+  C]`` float32 (the gradients of ``b``, ``e^b`` and ``beta``) from ``dU [B, T, H, V]``
+  float32 and the saved ``X`` and states."""
+  b, tp, heads, kd = k.shape
+  vd, nc, dtype = static.value_dim, static.num_chunks, k.dtype
+  return base._parallel(
+      static, _backward_kernel,
+      dict(k=k, v=v, states=states, vec=vec, beta=beta, xt=xt, du=du),
+      dict(dk=jax.ShapeDtypeStruct((b, tp, heads, kd), _F32),
+           dv=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
+           dvec=jax.ShapeDtypeStruct((b, heads, nc, 3, CHUNK), _F32)),
+      (tiles.swizzled((CHUNK, kd), dtype), tiles.swizzled((CHUNK, vd), dtype),
+       tiles.swizzled((kd, vd), dtype),
+       plgpu.SMEM((4, CHUNK), _F32), plgpu.SMEM((4, CHUNK), _F32),
+       plgpu.SMEM((CHUNK,), _F32), plgpu.SMEM((CHUNK,), _F32),
+       tiles.swizzled(_SQUARE, dtype), tiles.swizzled(_SQUARE, dtype),
+       tiles.swizzled(_SQUARE, dtype), tiles.swizzled(_SQUARE, dtype),
+       tiles.swizzled(_SQUARE, dtype), plgpu.SMEM((3, CHUNK), _F32),
+       plgpu.Barrier(num_arrivals=7), plgpu.Barrier()), b, heads)
