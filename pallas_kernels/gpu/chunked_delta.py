@@ -22,9 +22,10 @@ start and ``D_ts = e^{b_t - b_s}`` (``s <= t``, same document), each token write
 which is simple GLA's chunk (``chunked_linear.py``) with the values ``v`` replaced by the
 corrections ``d``. So:
 
-* ``U`` and ``N`` depend on nothing outside their chunk: XLA computes them for every chunk
-  at once in float32 (a batched unit-lower-triangular solve; gradients by autodiff, like
-  the gate factors ``e^b``, ``e^a``, ``e^G`` shared with ``chunked_linear.py``).
+* UT transform, grid ``(T / C, H, B)`` (``chunked_ut.py``): ``U`` (float32), ``N`` (input
+  dtype) and ``(I + L)^{-1}`` (saved for the backward) for every chunk at once. The gate
+  factors ``e^b``, ``e^a``, ``e^G`` are shared with ``chunked_linear.py`` (XLA, gradients
+  by autodiff).
 * states, grid ``(V / 64, H, B)``: walks the chunks with ``S[:, 64 values]`` in float32
   registers; per chunk ``d = U + N S`` (one product) and the state update (another),
   saving the state entering every chunk and ``d`` (input dtype).
@@ -33,8 +34,9 @@ corrections ``d``. So:
   state leaving the chunk) in registers: ``dd = scale ((k q^T) * D^T) dO + diag(e^a) k dS``,
   then ``dS <- e^{G} dS + scale q^T diag(e^b) dO + N^T dd``; saves ``dS`` and ``<S, dS>``.
 * gradients: ``chunked_linear.grads_call`` with ``v = d`` gives dq, dk, the gate factors'
-  gradients and ``dd`` (as "dv", float32: ``beta``'s gradient sums terms that cancel);
-  ``dU = dd`` and ``dN = dd S^T`` (XLA, per chunk).
+  gradients and ``dd`` (as "dv", float32: ``beta``'s gradient sums terms that cancel).
+* UT transform's gradient, grid ``(T / C, H, B)`` (``chunked_ut.py``): from ``dU = dd`` and
+  ``dN = dd S^T``, the gradients of k (added to the walk's), v, ``beta``, ``b`` and ``e^b``.
 
 Inputs bfloat16 or float16; ``K`` and ``V`` 64 or 128. Runs on an H100/H200 and, slowly,
 on CPU in the Mosaic GPU interpreter of jax 0.10.2.

@@ -8,24 +8,29 @@ gates summed from the chunk's (or the document's) start ``b`` and ``e^b`` ("into
     L_ts = beta_t e^{b_t - b_s} k_t . k_s      (s < t, same document; else 0)
     T = (I + L)^{-1}     U = T diag(beta) v     N = -T diag(beta e^b) k
 
-Forward: ``k k^T`` on the tensor cores; ``T`` by forward substitution in float32
-registers, kept transposed (``X = T^T``: step ``s`` subtracts ``L_ts X[:, s]`` from every
-column ``t > s``, with ``X[:, s]`` a masked row sum and ``L[:, s]`` a row of ``L^T`` in
-shared memory), the same arithmetic as a triangular solve. ``U`` and ``N`` are products of
-``X`` (split into a high and a low 16-bit part, about 16 significant bits) with the 16-bit
-``v`` and ``k``. Saves ``X`` (float32) for the backward.
+Forward: ``k k^T`` on the tensor cores, then ``X = T^T`` (the inverse kept transposed)
+by blocked forward substitution: the four 16 x 16 diagonal blocks of ``X`` in float32
+registers at once (15 steps; step ``j`` takes column ``16 i + j`` of each block with one
+masked row sum and subtracts ``L_ts X[:, s]`` from the block's later columns, the rows of
+``L^T`` read from shared memory), then two merges ``X <- X - X L_O^T X`` (``L_O``: the
+blocks just below the diagonal of each 32-token half, then the lower-left 32 x 32 block),
+the same arithmetic as a triangular solve done block by block. ``U`` and ``N`` are products
+of ``X`` with the 16-bit ``v`` and ``k``. Saves ``X`` (float32) for the backward.
 
 Backward, from ``dU`` (float32) and the states ``S`` entering the chunks (``d = U + N S``
 in ``chunked_delta.py``, so ``dN = dU S^T``)::
 
-    dT = dU (diag(beta) v)^T + dN (diag(beta e^b) k)^T     (dN' = -dN below)
     d(diag(beta) v) = T^T dU      d(diag(beta e^b) k) = -T^T dN
+    dT = dU (diag(beta) v)^T - dN (diag(beta e^b) k)^T
     dL = -T^T dT T^T     on the strictly lower same-document pairs
 
 and through ``L``: with ``F = dL * D * beta_rows`` (``D`` the pair decay), ``dk += F k +
-F^T k``, ``dbeta += rowsum(dL * D * k k^T)``, ``db += rowsum(F * kk) - colsum(F * kk)``.
-Products of two float32 operands take three 16-bit passes (high x high, high x low,
-low x high); ``colsum`` is a product with a tile of ones.
+F^T k``, ``dbeta += rowsum(dL * D * k k^T)``, ``db += rowsum(P) - colsum(P)`` with
+``P = dL * L`` (``colsum`` as a product with a tile of ones).
+
+Every product of a float32 operand splits it into a high and a low 16-bit part (about 16
+significant bits): two tensor-core passes against a 16-bit tile, three (high x high,
+high x low, low x high) between two float32 operands.
 
 Inputs bfloat16 or float16; ``K`` and ``V`` 64 or 128.
 """
@@ -48,6 +53,7 @@ CHUNK = base.CHUNK
 _F32 = jnp.float32
 _TILE, _ROW, _COL = base._TILE, base._ROW, base._COL
 _SQUARE = (CHUNK, CHUNK)
+SUB = 16   # the forward substitution's diagonal blocks
 
 
 def _split(static, x, dtype):
@@ -104,9 +110,16 @@ def _factors(static, vec_s, vect_s, beta_s, betat_s):
 # --------------------------------------------------------------------------- forward
 
 
+def _blocks(interp):
+  """Row and column iotas and their 16-token block indices."""
+  r, col = tiles.iota(_SQUARE, 0, interp), tiles.iota(_SQUARE, 1, interp)
+  block = lambda i: sum(jnp.where(i >= edge, 1, 0) for edge in range(SUB, CHUNK, SUB))
+  return r, col, block(r), block(col)
+
+
 def _forward_kernel(static, refs, scratch):
-  k_s, v_s, vec_s, vect_s, beta_s, betat_s, lt_s, hi_s, lo_s, bar = scratch
-  interp = static.interpret
+  k_s, v_s, vec_s, vect_s, beta_s, betat_s, bar = scratch
+  interp, dtype = static.interpret, k_s.dtype
   c, head, batch, rows = _position()
   base._copy_in([(refs["k"].at[rows], k_s), (refs["v"].at[rows], v_s),
                  (refs["vec"].at[batch, head, c], vec_s),
@@ -120,27 +133,51 @@ def _forward_kernel(static, refs, scratch):
   kk = tiles.matmul(k_s, k_s, _SQUARE, interp, transpose_b=True)
   decay_t, strict_t = base._pair_decay(static, x["b_row"], x["b_col"], x["d_row"],
                                        x["d_col"], True)
-  lt_s[...] = jnp.where(strict_t, kk * decay_t * tiles.cols(x["beta_col"], _SQUARE), 0.0)
-  plgpu.commit_smem()
+  lt = jnp.where(strict_t, kk * decay_t * tiles.cols(x["beta_col"], _SQUARE), 0.0)
+  r, col, br, bc = _blocks(interp)
+  same = br == bc
 
-  r, col = tiles.iota(_SQUARE, 0, interp), tiles.iota(_SQUARE, 1, interp)
-  eye = jnp.where(r == col, 1.0, 0.0)
+  # The four 16 x 16 diagonal blocks of X = T^T at once (X stays block diagonal): step j
+  # takes each block's column j (one masked row sum) and subtracts L_ts X[:, s] from the
+  # block's later columns t, s = 16 * block + j.
+  def diagonal(lt_s):
+    lt_s[...] = jnp.where(same, lt, 0.0)
+    plgpu.commit_smem()
 
-  def substitute(s, xt):   # column t of xt (row t of T) loses L_ts T[s, :]
-    t_s = jnp.where(col == s, xt, 0.0).sum(axis=1)
-    l_s = tiles.load(lt_s.at[s], _COL, interp)
-    return xt - tiles.rows(t_s, _SQUARE) * tiles.cols(l_s, _SQUARE)
+    def substitute(j, xt):
+      pivot = jnp.where(col - SUB * bc == j, xt, 0.0).sum(axis=1)
+      l_j = sum(tiles.load(lt_s.at[j + SUB * blk], _COL, interp)
+                for blk in range(CHUNK // SUB))
+      return xt - jnp.where(same, tiles.rows(pivot, _SQUARE) * tiles.cols(l_j, _SQUARE),
+                            0.0)
 
-  xt = lax.fori_loop(0, CHUNK - 1, substitute, eye)
+    return lax.fori_loop(0, SUB - 1, substitute, jnp.where(r == col, 1.0, 0.0))
 
-  # U = T diag(beta) v, N = -T diag(beta e^b) k: X's rows scaled, transposed operand.
-  _store_split(static, xt * tiles.rows(x["beta_row"], _SQUARE), hi_s, lo_s)
-  plgpu.commit_smem()
-  u = _dot2(static, (hi_s, lo_s), v_s, (CHUNK, static.value_dim), transpose_a=True)
-  base._stage_out(static, u, refs["u"].at[rows])
-  _store_split(static, xt * tiles.rows(-x["beta_row"] * x["into"], _SQUARE), hi_s, lo_s)
-  plgpu.commit_smem()
-  n = _dot2(static, (hi_s, lo_s), k_s, (CHUNK, static.key_dim), transpose_a=True)
+  xt = pl.run_scoped(diagonal, plgpu.SMEM(_SQUARE, _F32))
+
+  # Merges (block forward substitution): X <- X - X L_O^T X, with L_O the blocks just
+  # below the diagonal of each 32-token half, then the lower-left 32 x 32 block.
+  def merge(xhi_s, xlo_s, whi_s, wlo_s):
+    xt_ = xt
+    for lo_mask in ((bc == br + 1) & ((bc == 1) | (bc == 3)), (br < 2) & (bc >= 2)):
+      _store_split(static, xt_, xhi_s, xlo_s)
+      plgpu.commit_smem()
+      w = _dot3(static, _split(static, jnp.where(lo_mask, lt, 0.0), dtype),
+                (xhi_s, xlo_s), _SQUARE)
+      _store_split(static, w, whi_s, wlo_s)
+      plgpu.commit_smem()
+      xt_ = xt_ - _dot3(static, _split(static, xt_, dtype), (whi_s, wlo_s), _SQUARE)
+    # U = T diag(beta) v, N = -T diag(beta e^b) k: X's rows scaled, transposed operand.
+    _store_split(static, xt_ * tiles.rows(x["beta_row"], _SQUARE), xhi_s, xlo_s)
+    _store_split(static, xt_ * tiles.rows(-x["beta_row"] * x["into"], _SQUARE), whi_s,
+                 wlo_s)
+    plgpu.commit_smem()
+    n = _dot2(static, (whi_s, wlo_s), k_s, (CHUNK, static.key_dim), transpose_a=True)
+    u = _dot2(static, (xhi_s, xlo_s), v_s, (CHUNK, static.value_dim), transpose_a=True)
+    return xt_, u, n
+
+  sq = tiles.swizzled(_SQUARE, dtype)
+  xt, u, n = pl.run_scoped(merge, sq, sq, sq, sq)
 
   def out_n(n_s):
     n_s[...] = n.astype(n_s.dtype)
@@ -148,10 +185,9 @@ def _forward_kernel(static, refs, scratch):
     plgpu.copy_smem_to_gmem(n_s, refs["n"].at[rows])
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  pl.run_scoped(out_n, tiles.swizzled((CHUNK, static.key_dim), k_s.dtype))
-  lt_s[...] = xt
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(lt_s, refs["xt"].at[batch, head, c])
+  pl.run_scoped(out_n, tiles.swizzled((CHUNK, static.key_dim), dtype))
+  base._stage_out(static, u, refs["u"].at[rows])
+  base._stage_out(static, xt, refs["xt"].at[batch, head, c])
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -168,8 +204,7 @@ def forward_call(static, k, v, beta, vec):
            xt=jax.ShapeDtypeStruct((b, heads, nc, CHUNK, CHUNK), _F32)),
       (tiles.swizzled((CHUNK, kd), dtype), tiles.swizzled((CHUNK, vd), dtype),
        plgpu.SMEM((4, CHUNK), _F32), plgpu.SMEM((4, CHUNK), _F32),
-       plgpu.SMEM((CHUNK,), _F32), plgpu.SMEM((CHUNK,), _F32), plgpu.SMEM(_SQUARE, _F32),
-       tiles.swizzled(_SQUARE, dtype), tiles.swizzled(_SQUARE, dtype),
+       plgpu.SMEM((CHUNK,), _F32), plgpu.SMEM((CHUNK,), _F32),
        plgpu.Barrier(num_arrivals=6)), b, heads)
 
 
@@ -177,13 +212,11 @@ def forward_call(static, k, v, beta, vec):
 
 
 def _backward_kernel(static, refs, scratch):
-  (k_s, v_s, h_s, vec_s, vect_s, beta_s, betat_s, xhi_s, xlo_s, ahi_s, alo_s, ones_s,
-   dvec_s, bar, one) = scratch
+  k_s, v_s, vec_s, vect_s, beta_s, betat_s, dvec_s, bar, one = scratch
   interp = static.interpret
   c, head, batch, rows = _position()
   kd, vd, dtype = static.key_dim, static.value_dim, k_s.dtype
   base._copy_in([(refs["k"].at[rows], k_s), (refs["v"].at[rows], v_s),
-                 (refs["states"].at[batch, head, c], h_s),
                  (refs["vec"].at[batch, head, c], vec_s),
                  (refs["vec"].at[batch, head, c], vect_s),
                  (refs["beta"].at[batch, head, c], beta_s),
@@ -191,71 +224,79 @@ def _backward_kernel(static, refs, scratch):
   xt = base._load_f32(static, refs["xt"].at[batch, head, c], _SQUARE, one)
   plgpu.barrier_wait(bar)
   x = _factors(static, vec_s, vect_s, beta_s, betat_s)
-  beta_into = x["beta_row"] * x["into"]
-  _store_split(static, xt, xhi_s, xlo_s)
-  ones_s[...] = (tiles.zeros(_SQUARE, interp) + 1.0).astype(dtype)
-  plgpu.commit_smem()
-  xt_pair = (xhi_s, xlo_s)
-  kf = tiles.load(k_s, _TILE, interp).astype(_F32)
-  vf = tiles.load(v_s, _TILE, interp).astype(_F32)
+  xt_pair = _split(static, xt, dtype)              # X as the left operand, in registers
 
-  def phase1(dhi_s, dlo_s, nhi_s, nlo_s, out_s):
+  def phase1(dhi_s, dlo_s):
     du = base._load_f32(static, refs["du"].at[rows], (CHUNK, vd), one)
     _store_split(static, du, dhi_s, dlo_s)
     plgpu.commit_smem()
     du_pair = (dhi_s, dlo_s)
-    dn = _dot2(static, du_pair, h_s, (CHUNK, kd), transpose_b=True)   # dN = dU S^T
-    _store_split(static, -dn, nhi_s, nlo_s)                           # -dN
-    plgpu.commit_smem()
-    dn_pair = (nhi_s, nlo_s)
-    # dv and the value / key halves of dbeta and d e^b.
-    dbv = _dot3(static, xt_pair, du_pair, (CHUNK, vd))               # T^T dU
-    out_s[...] = (dbv * tiles.rows(x["beta_row"], dbv.shape)).astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_s, refs["dv"].at[rows])
-    dbk = _dot3(static, xt_pair, dn_pair, (CHUNK, kd))               # -T^T dN
-    kdbk = (dbk * kf).sum(axis=1)
-    dbeta = (dbv * vf).sum(axis=1) + kdbk * x["into"]
-    d_into = kdbk * x["beta_row"]
-    dk = dbk * tiles.rows(beta_into, dbk.shape)
+    dbv = _dot3(static, xt_pair, du_pair, (CHUNK, vd))            # T^T dU
+    vf = tiles.load(v_s, _TILE, interp).astype(_F32)
+    dbeta = (dbv * vf).sum(axis=1)
+    dv = (dbv * tiles.rows(x["beta_row"], dbv.shape)).astype(dtype)
     # dT = dU (beta v)^T - dN (beta e^b k)^T (column scales).
     dt = _dot2(static, du_pair, v_s, _SQUARE, transpose_b=True)
     dt = dt * tiles.cols(x["beta_col"], _SQUARE)
-    dt2 = _dot2(static, dn_pair, k_s, _SQUARE, transpose_b=True)
+
+    def with_states(h_s):
+      plgpu.copy_gmem_to_smem(refs["states"].at[batch, head, c], h_s, one)
+      plgpu.barrier_wait(one)
+      return _dot2(static, du_pair, h_s, (CHUNK, kd), transpose_b=True)    # dN = dU S^T
+
+    dn = pl.run_scoped(with_states, tiles.swizzled((kd, vd), dtype))
+    dhi_s[...] = dv
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dhi_s, refs["dv"].at[rows])
+
+    def with_dn(nhi_s, nlo_s):
+      _store_split(static, -dn, nhi_s, nlo_s)
+      plgpu.commit_smem()
+      dbk = _dot3(static, xt_pair, (nhi_s, nlo_s), (CHUNK, kd))   # -T^T dN
+      dt2 = _dot2(static, (nhi_s, nlo_s), k_s, _SQUARE, transpose_b=True)
+      return dbk, dt2
+
+    dbk, dt2 = pl.run_scoped(with_dn, tiles.swizzled((CHUNK, kd), dtype),
+                             tiles.swizzled((CHUNK, kd), dtype))
     dt = dt + dt2 * tiles.cols(x["beta_col"] * x["into_col"], _SQUARE)
+    kf = tiles.load(k_s, _TILE, interp).astype(_F32)
+    kdbk = (dbk * kf).sum(axis=1)
+    dbeta = dbeta + kdbk * x["into"]
+    d_into = kdbk * x["beta_row"]
+    dk = dbk * tiles.rows(x["beta_row"] * x["into"], dbk.shape)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     return dk, dt, dbeta, d_into
 
   dk, dt, dbeta, d_into = pl.run_scoped(
-      phase1, tiles.swizzled((CHUNK, vd), dtype), tiles.swizzled((CHUNK, vd), dtype),
-      tiles.swizzled((CHUNK, kd), dtype), tiles.swizzled((CHUNK, kd), dtype),
-      tiles.swizzled((CHUNK, vd), dtype))
+      phase1, tiles.swizzled((CHUNK, vd), dtype), tiles.swizzled((CHUNK, vd), dtype))
 
   # dL = -T^T dT T^T = -(X dT) X on the strictly lower same-document pairs.
-  _store_split(static, dt, ahi_s, alo_s)
-  plgpu.commit_smem()
-  y = _dot3(static, xt_pair, (ahi_s, alo_s), _SQUARE)
-  _store_split(static, y, ahi_s, alo_s)
-  plgpu.commit_smem()
-  dl = -_dot3(static, (ahi_s, alo_s), xt_pair, _SQUARE)
-  decay, strict = base._pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"],
-                                   False)
-  kk = tiles.matmul(k_s, k_s, _SQUARE, interp, transpose_b=True)
-  g = jnp.where(strict, dl * decay, 0.0)               # dL * D
-  dbeta = dbeta + (g * kk).sum(axis=1)
-  f = g * tiles.rows(x["beta_row"], _SQUARE)           # F = dL * D * beta_t
-  p = f * kk                                           # dL * L
-  _store_split(static, f, ahi_s, alo_s)
-  plgpu.commit_smem()
-  dk = tiles.matmul_add(dk, ahi_s, k_s, interp)
-  dk = tiles.matmul_add(dk, alo_s, k_s, interp)
-  dk = tiles.matmul_add(dk, ahi_s, k_s, interp, transpose_a=True)
-  dk = tiles.matmul_add(dk, alo_s, k_s, interp, transpose_a=True)
-  _store_split(static, p, ahi_s, alo_s)
-  plgpu.commit_smem()
-  colsum = _dot2(static, (ahi_s, alo_s), ones_s, _SQUARE, transpose_a=True)
-  db = p.sum(axis=1) - colsum.sum(axis=1) * (1.0 / CHUNK)
+  def phase2(xhi_s, xlo_s, ahi_s, alo_s, ones_s):
+    _store_split(static, xt, xhi_s, xlo_s)
+    _store_split(static, dt, ahi_s, alo_s)
+    ones_s[...] = (tiles.zeros(_SQUARE, interp) + 1.0).astype(dtype)
+    plgpu.commit_smem()
+    y = _dot3(static, xt_pair, (ahi_s, alo_s), _SQUARE)
+    dl = -_dot3(static, _split(static, y, dtype), (xhi_s, xlo_s), _SQUARE)
+    decay, strict = base._pair_decay(static, x["b_row"], x["b_col"], x["d_row"],
+                                     x["d_col"], False)
+    kk = tiles.matmul(k_s, k_s, _SQUARE, interp, transpose_b=True)
+    g = jnp.where(strict, dl * decay, 0.0)               # dL * D
+    f = g * tiles.rows(x["beta_row"], _SQUARE)           # F = dL * D * beta_t
+    p = f * kk                                           # dL * L
+    _store_split(static, f, ahi_s, alo_s)
+    _store_split(static, p, xhi_s, xlo_s)
+    plgpu.commit_smem()
+    dk_ = tiles.matmul_add(dk, ahi_s, k_s, interp)       # dk += F k + F^T k
+    dk_ = tiles.matmul_add(dk_, alo_s, k_s, interp)
+    dk_ = tiles.matmul_add(dk_, ahi_s, k_s, interp, transpose_a=True)
+    dk_ = tiles.matmul_add(dk_, alo_s, k_s, interp, transpose_a=True)
+    colsum = _dot2(static, (xhi_s, xlo_s), ones_s, _SQUARE, transpose_a=True)
+    db = p.sum(axis=1) - colsum.sum(axis=1) * (1.0 / CHUNK)
+    return dk_, dbeta + (g * kk).sum(axis=1), db
 
+  sq = tiles.swizzled(_SQUARE, dtype)
+  dk, dbeta, db = pl.run_scoped(phase2, sq, sq, sq, sq, sq)
   dvec_s.at[0][...] = db
   dvec_s.at[1][...] = d_into
   dvec_s.at[2][...] = dbeta
@@ -278,10 +319,6 @@ def backward_call(static, k, v, beta, vec, xt, du, states):
            dv=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
            dvec=jax.ShapeDtypeStruct((b, heads, nc, 3, CHUNK), _F32)),
       (tiles.swizzled((CHUNK, kd), dtype), tiles.swizzled((CHUNK, vd), dtype),
-       tiles.swizzled((kd, vd), dtype),
        plgpu.SMEM((4, CHUNK), _F32), plgpu.SMEM((4, CHUNK), _F32),
-       plgpu.SMEM((CHUNK,), _F32), plgpu.SMEM((CHUNK,), _F32),
-       tiles.swizzled(_SQUARE, dtype), tiles.swizzled(_SQUARE, dtype),
-       tiles.swizzled(_SQUARE, dtype), tiles.swizzled(_SQUARE, dtype),
-       tiles.swizzled(_SQUARE, dtype), plgpu.SMEM((3, CHUNK), _F32),
-       plgpu.Barrier(num_arrivals=7), plgpu.Barrier()), b, heads)
+       plgpu.SMEM((CHUNK,), _F32), plgpu.SMEM((CHUNK,), _F32), plgpu.SMEM((3, CHUNK), _F32),
+       plgpu.Barrier(num_arrivals=6), plgpu.Barrier()), b, heads)

@@ -1,0 +1,110 @@
+"""The delta rules' UT-transform launches (``pallas_kernels/gpu/chunked_ut.py``) against a
+float64 oracle written from the chunk equations, forward and backward.
+
+Per chunk of 64 tokens: ``L_ts = beta_t e^{b_t - b_s} k_t . k_s`` (s < t, same
+document), ``T = (I + L)^{-1}``, ``U = T diag(beta) v``, ``N = -T diag(beta e^b) k``; the
+backward is the gradient of ``sum(dU * (U + N S))`` (``d = U + N S`` in
+``chunked_delta.py``) with respect to k, v, beta, b and e^b.
+
+The whole delta rule is tested against its oracle in ``test_chunked_delta.py``; there,
+strong gates and random keys make ``L`` small. Here keys share a common direction and
+gates are weak, so ``L`` is large (``|L_ts|`` up to ~0.7) and every substitution step and
+merge of the inverse shows in the result.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.gpu import chunked_linear as cl
+from pallas_kernels.gpu import chunked_ut as ut
+from tests.ops.test_linear_attention import rel_err
+from tests.pallas_kernels.gpu.test_chunked_linear import gpu_only, interpreted
+
+C = ut.CHUNK
+# float32 results from products of 16-bit halves (~16 significant bits) and float32
+# substitution; N and dv are rounded to bfloat16 (8 bits: ~2e-3 relative).
+F32_TOL, BF16_TOL = 1e-4, 5e-3
+
+
+def _inputs(rng, batch, length, heads, kd, vd):
+  common = rng.standard_normal((1, 1, heads, kd))
+  k = 0.8 * common + 0.6 * rng.standard_normal((batch, length, heads, kd))
+  k /= np.linalg.norm(k, axis=-1, keepdims=True)
+  v = rng.standard_normal((batch, length, heads, vd))
+  beta = rng.uniform(0.5, 1.0, (batch, length, heads))
+  g = -rng.uniform(0.01, 0.1, (batch, length, heads))
+  ids = np.zeros((batch, length), np.int32)
+  ids[:, 40:] = 1          # a document start inside the first chunk
+  starts = jnp.asarray(np.concatenate([np.zeros((batch, 1), bool),
+                                       ids[:, 1:] != ids[:, :-1]], axis=1))
+  vec, _ = cl.gate_factors(jnp.asarray(g, jnp.float32), starts)
+  nc = length // C
+  k, v = jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16)
+  beta_c = jnp.asarray(beta.reshape(batch, nc, C, heads).transpose(0, 3, 1, 2), jnp.float32)
+  states = jnp.asarray(rng.standard_normal((batch, heads, nc, kd, vd)), jnp.bfloat16)
+  du = jnp.asarray(rng.standard_normal((batch, length, heads, vd)), jnp.float32)
+  return k, v, beta_c, vec, states, du
+
+
+def _oracle(k, v, beta, b, into, doc, states, du):
+  """float64 ``(U, N, X, loss)`` with ``loss = sum(dU * (U + N S))``, chunk by chunk."""
+  batch, length, heads, kd = k.shape
+  nc = length // C
+
+  def by_chunk(x):   # [B, T, H, D] -> [B, H, NC, C, D]
+    return x.reshape(batch, nc, C, heads, -1).transpose(0, 3, 1, 2, 4)
+
+  kc, vc, duc = by_chunk(k), by_chunk(v), by_chunk(du)
+  lower = np.tril(np.ones((1, 1, 1, C, C), bool), -1) & (doc[..., :, None] == doc[..., None, :])
+  gap = jnp.where(lower, b[..., :, None] - b[..., None, :], 0.0)
+  big_l = jnp.where(lower, beta[..., :, None] * jnp.exp(gap)
+                    * jnp.einsum("...tk,...sk->...ts", kc, kc), 0.0)
+  t = jnp.linalg.inv(jnp.broadcast_to(jnp.eye(C), big_l.shape) + big_l)
+  u = t @ (beta[..., None] * vc)
+  n = -t @ ((beta * into)[..., None] * kc)
+  loss = jnp.sum(duc * (u + n @ states))
+  return u, n, jnp.swapaxes(t, -1, -2), loss
+
+
+def _back(x):   # [B, H, NC, C, D] -> [B, T, H, D]
+  batch, heads, nc, _, d = x.shape
+  return np.asarray(x).transpose(0, 2, 3, 1, 4).reshape(batch, nc * C, heads, d)
+
+
+@pytest.mark.parametrize("interpret", [
+    pytest.param(True, marks=interpreted, id="interpreted"),
+    pytest.param(False, marks=gpu_only, id="on_gpu")])
+def test_ut_transform_and_gradients_match_float64(interpret, rng):
+  batch, length, heads, kd, vd = 1, 2 * C, 2, 64, 128
+  k, v, beta, vec, states, du = _inputs(rng, batch, length, heads, kd, vd)
+  static = cl._Static(1.0, length // C, kd, vd, interpret)   # pylint: disable=protected-access
+
+  def kernels(k, v, beta, vec, states, du):
+    u, n, xt = ut.forward_call(static, k, v, beta, vec)
+    return (u, n, xt) + tuple(ut.backward_call(static, k, v, beta, vec, xt, du, states))
+
+  run = kernels if interpret else jax.jit(kernels)
+  u, n, xt, dk, dv, dvec = run(k, v, beta, vec, states, du)
+
+  with jax.enable_x64():
+    f64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    args = [f64(x) for x in (k, v, beta, vec[..., 0, :], vec[..., 1, :])]
+    fixed = dict(doc=np.asarray(vec[..., 3, :]), states=f64(states), du=f64(du))
+    ref_u, ref_n, ref_xt, _ = _oracle(*args, **fixed)
+    grads = jax.grad(lambda *a: _oracle(*a, **fixed)[3], argnums=range(5))(*args)
+    errors = {"U": rel_err(np.asarray(u, np.float64), _back(ref_u)),
+              "X": rel_err(np.asarray(xt, np.float64), np.asarray(ref_xt)),
+              "dk": rel_err(np.asarray(dk, np.float64), np.asarray(grads[0])),
+              "db": rel_err(np.asarray(dvec[..., 0, :], np.float64), np.asarray(grads[3])),
+              "dinto": rel_err(np.asarray(dvec[..., 1, :], np.float64),
+                               np.asarray(grads[4])),
+              "dbeta": rel_err(np.asarray(dvec[..., 2, :], np.float64),
+                               np.asarray(grads[2]))}
+    rounded = {"N": rel_err(np.asarray(n, np.float64), _back(ref_n)),
+               "dv": rel_err(np.asarray(dv, np.float64), np.asarray(grads[1]))}
+  assert all(e <= F32_TOL for e in errors.values()), errors
+  assert all(e <= BF16_TOL for e in rounded.values()), rounded
