@@ -234,8 +234,7 @@ def _fwd_impl(static, q, k, v, beta, vec, tot, h0):
 def _backward_all(static, q, k, v, beta, n, xt, d_o, states, d, vec, tot, dfinal):
   dq, dk, dd, dvec, dtot, dh0 = _backward_call(static, q, k, n, d_o, states, d, vec, tot,
                                                dfinal)
-  dk_ut, dv, dvec_ut = ut.backward_call(static, k, v, beta, vec, xt, dd, states)
-  dk = (dk.astype(_F32) + dk_ut).astype(k.dtype)
+  dk, dv, dvec_ut = ut.backward_call(static, k, v, beta, vec, xt, dd, states, dk)
   return dq, dk, dv, dvec, dvec_ut, dtot, dh0
 
 

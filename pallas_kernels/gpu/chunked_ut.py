@@ -302,20 +302,30 @@ def _backward_kernel(static, refs, scratch):
   dvec_s.at[2][...] = dbeta
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(dvec_s, refs["dvec"].at[batch, head, c])
-  base._stage_out(static, dk, refs["dk"].at[rows])
+
+  def out_dk(dk_s):   # added to the gradient k already has from the walks
+    plgpu.copy_gmem_to_smem(refs["dk_in"].at[rows], dk_s, one)
+    plgpu.barrier_wait(one)
+    dk_s[...] = (tiles.load(dk_s, _TILE, interp).astype(_F32) + dk).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dk_s, refs["dk"].at[rows])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  pl.run_scoped(out_dk, tiles.swizzled((CHUNK, kd), dtype))
   plgpu.wait_smem_to_gmem(0)
 
 
-def backward_call(static, k, v, beta, vec, xt, du, states):
-  """``dk [B, T, H, K]`` float32, ``dv [B, T, H, V]`` in v's dtype and ``[B, H, T / C, 3,
-  C]`` float32 (the gradients of ``b``, ``e^b`` and ``beta``) from ``dU [B, T, H, V]``
-  float32 and the saved ``X`` and states."""
+def backward_call(static, k, v, beta, vec, xt, du, states, dk_in):
+  """``dk_in + dk [B, T, H, K]`` in k's dtype, ``dv [B, T, H, V]`` in v's dtype and
+  ``[B, H, T / C, 3, C]`` float32 (the gradients of ``b``, ``e^b`` and ``beta``) from
+  ``dU [B, T, H, V]`` float32, the saved ``X`` and states, and k's gradient from the
+  walks ``dk_in``."""
   b, tp, heads, kd = k.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, k.dtype
   return base._parallel(
       static, _backward_kernel,
-      dict(k=k, v=v, states=states, vec=vec, beta=beta, xt=xt, du=du),
-      dict(dk=jax.ShapeDtypeStruct((b, tp, heads, kd), _F32),
+      dict(k=k, v=v, states=states, vec=vec, beta=beta, xt=xt, du=du, dk_in=dk_in),
+      dict(dk=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
            dv=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
            dvec=jax.ShapeDtypeStruct((b, heads, nc, 3, CHUNK), _F32)),
       (tiles.swizzled((CHUNK, kd), dtype), tiles.swizzled((CHUNK, vd), dtype),
