@@ -23,7 +23,8 @@ which is simple GLA's chunk (``chunked_linear.py``) with the values ``v`` replac
 corrections ``d``. So:
 
 * UT transform, grid ``(T / C, H, B)`` (``chunked_ut.py``): ``U`` (float32), ``N`` (input
-  dtype) and ``(I + L)^{-1}`` (saved for the backward) for every chunk at once. The gate
+  dtype) and ``X = (I + L)^{-T}`` (float32, saved for the backward) for every chunk at
+  once. The gate
   factors ``e^b``, ``e^a``, ``e^G`` are shared with ``chunked_linear.py`` (XLA, gradients
   by autodiff).
 * states, grid ``(V / 64, H, B)``: walks the chunks with ``S[:, 64 values]`` in float32

@@ -28,9 +28,11 @@ and through ``L``: with ``F = dL * D * beta_rows`` (``D`` the pair decay), ``dk 
 F^T k``, ``dbeta += rowsum(dL * D * k k^T)``, ``db += rowsum(P) - colsum(P)`` with
 ``P = dL * L`` (``colsum`` as a product with a tile of ones).
 
-Every product of a float32 operand splits it into a high and a low 16-bit part (about 16
-significant bits): two tensor-core passes against a 16-bit tile, three (high x high,
-high x low, low x high) between two float32 operands.
+Every product of a float32 operand splits it into a high and a low part in the input
+dtype: two tensor-core passes against a 16-bit tile, three (high x high, high x low,
+low x high) between two float32 operands. With bfloat16 that keeps about 16 significant
+bits; with float16 about 22, but only inside float16's range: tiles above 65504 overflow
+and the low part fades below ~6e-5 (the walks take float16 gradients as well).
 
 Inputs bfloat16 or float16; ``K`` and ``V`` 64 or 128.
 """
@@ -316,7 +318,7 @@ def _backward_kernel(static, refs, scratch):
 
 
 def backward_call(static, k, v, beta, vec, xt, du, states, dk_in):
-  """``dk_in + dk [B, T, H, K]`` in k's dtype, ``dv [B, T, H, V]`` in v's dtype and
+  """``dk_in + dk [B, T, H, K]`` and ``dv [B, T, H, V]`` in the inputs' dtype and
   ``[B, H, T / C, 3, C]`` float32 (the gradients of ``b``, ``e^b`` and ``beta``) from
   ``dU [B, T, H, V]`` float32, the saved ``X`` and states, and k's gradient from the
   walks ``dk_in``."""
