@@ -73,6 +73,9 @@ def get_config(arg=None):
     config.linear_ops = ("simple_gla", "gla", "delta_rule", "gated_delta_rule")
     config.implementations = ("xla",)
     config.chunk_size = 64
+    # The delta rules normalize q and k inside the op (use_qk_l2norm=True, as a model
+    # calls them); False times them on unit-norm inputs instead, as the peers' scripts do.
+    config.qk_l2norm_in_op = True
     config.copy_bandwidth = 2.97e12  # bytes/s, the H100 device copy of BENCHMARKS.md
     config.causal = ()
     config.peers = ()

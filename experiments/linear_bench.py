@@ -36,11 +36,16 @@ def _gates(name, key, batch, seq_len, heads, key_dim):
   return ()
 
 
-def _op(name, implementation, chunk_size):
+def _op(name, implementation, chunk_size, l2norm_in_op=True):
   fn = getattr(attnlab.ops, name)
-  options = {"use_qk_l2norm": True} if "delta" in name else {}
+  options = {"use_qk_l2norm": True} if "delta" in name and l2norm_in_op else {}
   return functools.partial(fn, implementation=implementation, chunk_size=chunk_size,
                            **options)
+
+
+def _unit(x):
+  x32 = x.astype(jnp.float32)
+  return (x32 / jnp.linalg.norm(x32, axis=-1, keepdims=True)).astype(x.dtype)
 
 
 def _relerr(x, ref):
@@ -62,6 +67,9 @@ def run_linear(config, emit: Callable[[dict[str, Any]], None], *, time_call, tem
       keys = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), seq_len), 5)
       q = jax.random.normal(keys[0], (batch, seq_len, heads, key_dim), dtype)
       k = jax.random.normal(keys[1], (batch, seq_len, heads, key_dim), dtype)
+      in_op = config.get("qk_l2norm_in_op", True)
+      if "delta" in name and not in_op:   # unit-norm inputs, as the peers' scripts pass
+        q, k = (_unit(x) for x in (q, k))
       v = jax.random.normal(keys[2], (batch, seq_len, heads, value_dim), dtype)
       d_out = jax.random.normal(keys[3], (batch, seq_len, heads, value_dim), dtype)
       gates = _gates(name, keys[4], batch, seq_len, heads, key_dim)
@@ -70,10 +78,12 @@ def run_linear(config, emit: Callable[[dict[str, Any]], None], *, time_call, tem
       floor_bytes = (2 * (3 * q.size + 2 * v.size + d_out.size) * itemsize  # in + grads
                      + v.size * itemsize + 2 * gate_elems * 4)
       for implementation in config.implementations:
-        op = _op(name, implementation, config.chunk_size)
+        op = _op(name, implementation, config.chunk_size, in_op)
         shape = {"op": name, "impl": implementation, "T": seq_len, "B": batch, "H": heads,
                  "K": key_dim, "V": value_dim, "dtype": dtype.name,
                  "chunk": config.chunk_size}
+        if "delta" in name:
+          shape["qk_l2norm"] = "in_op" if in_op else "inputs"
 
         def forward(*a, op=op):
           return op(*a)[0]
@@ -86,7 +96,7 @@ def run_linear(config, emit: Callable[[dict[str, Any]], None], *, time_call, tem
           # The reference scan's backward keeps one [K, V] state per token and head:
           # check on the first batch row and the first two heads (heads are independent).
           first = tuple(x[:1, :, :2] for x in args)
-          ref_op = _op(name, "reference", config.chunk_size)
+          ref_op = _op(name, "reference", config.chunk_size, in_op)
           ref_o = jax.jit(lambda *a: ref_op(*a)[0])(*first)
           ref_g = jax.jit(jax.grad(
               lambda *a: jnp.sum(ref_op(*a)[0].astype(jnp.float32)
