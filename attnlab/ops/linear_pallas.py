@@ -14,10 +14,12 @@ kernels; float32 states and accumulation.
   joins automatic dispatch only once it has run on a TPU.
 * GPU (Hopper): the simple-GLA family (``linear_attn``, ``retention``, ``simple_gla``,
   ``pallas_kernels/gpu/chunked_linear.py``) and the delta rules (``delta_rule``,
-  ``gated_delta_rule``, ``pallas_kernels/gpu/chunked_delta.py``) with q / k / v bfloat16 or
-  float16, key and value head dims 64 or 128, chunks of 64. GLA has no Mosaic GPU kernel
-  yet: the tier refuses it with that reason and automatic dispatch runs xla. Tested on an
-  H100 and, on CPU, in the Mosaic GPU interpreter (``interpret_kernels("gpu")``).
+  ``gated_delta_rule``, ``pallas_kernels/gpu/chunked_delta.py`` and ``chunked_ut.py``) with
+  q / k / v bfloat16 or float16, key and value head dims up to 128 (zero-padded to 64 or
+  128; automatic dispatch takes 64 and 128 only, the padded dims having run in the
+  interpreter only so far), chunks of 64. GLA has no Mosaic GPU kernel yet: the tier
+  refuses it with that reason and automatic dispatch runs xla. Tested on an H100 and, on
+  CPU, in the Mosaic GPU interpreter (``interpret_kernels("gpu")``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ from pallas_kernels.tpu import chunked_linear
 MIN_GPU_LENGTH = 17
 
 
+def _padded(dim, dims):
+  """The smallest kernel head dim that holds ``dim`` (None: none does)."""
+  return next((d for d in dims if d >= dim), None)
+
+
 def _gpu_supports(call) -> str | None:
   if call.g is not None and call.g.ndim == 4:
     return ("the Mosaic GPU chunked kernels cover the simple GLA family and the delta "
@@ -42,10 +49,11 @@ def _gpu_supports(call) -> str | None:
       or call.v.dtype != call.q.dtype:
     return (f"the GPU kernel takes q, k, v all bfloat16 or all float16 (wgmma operands), "
             f"got {call.q.dtype}, {call.k.dtype}, {call.v.dtype}")
-  if call.q.shape[-1] not in gpu_linear.KEY_DIMS or \
-      call.v.shape[-1] not in gpu_linear.VALUE_DIMS:
-    return (f"the GPU kernel takes key head dims {gpu_linear.KEY_DIMS} and value head dims "
-            f"{gpu_linear.VALUE_DIMS}, got K={call.q.shape[-1]}, V={call.v.shape[-1]}")
+  if _padded(call.q.shape[-1], gpu_linear.KEY_DIMS) is None or \
+      _padded(call.v.shape[-1], gpu_linear.VALUE_DIMS) is None:
+    return (f"the GPU kernel takes head dims up to {gpu_linear.KEY_DIMS[-1]} (padded with "
+            f"zeros to one of {gpu_linear.KEY_DIMS}), got K={call.q.shape[-1]}, "
+            f"V={call.v.shape[-1]}")
   if call.q.shape[1] < MIN_GPU_LENGTH and kernel_target() == ("gpu", False):
     return (f"sequences shorter than {MIN_GPU_LENGTH} tokens (got {call.q.shape[1]}) run on "
             f"xla: XLA 0.11.2 fails to compile the kernel's padding for T = 1, 2, 3 and 5 "
@@ -80,10 +88,35 @@ def linear_pallas_automatic(call) -> str | None:
     if jax.device_count() > 1:
       return ("the GPU kernel's sharded path is untested on several GPUs; "
               "name implementation='pallas'")
+    if call.q.shape[-1] not in gpu_linear.KEY_DIMS or \
+        call.v.shape[-1] not in gpu_linear.VALUE_DIMS:
+      return (f"head dims other than {gpu_linear.KEY_DIMS} run zero-padded, so far tested "
+              f"in the Mosaic GPU interpreter only (got K={call.q.shape[-1]}, "
+              f"V={call.v.shape[-1]}); name implementation='pallas'")
     return not_hopper_reason()
   if backend == "gpu":
     return "interpreted kernels are for tests; name implementation='pallas'"
   return "the TPU kernels have run in interpret mode only; name implementation='pallas'"
+
+
+def _gpu_padded(q, k, v, g, beta, common):
+  """The GPU kernels on head dims zero-padded to theirs: zero key channels leave every
+  product and the state's extra rows at zero (the delta rules' ``k k^T`` too), zero value
+  columns give zero outputs and state columns; both are cut off again."""
+  kd, vd = q.shape[-1], v.shape[-1]
+  kp, vp = _padded(kd, gpu_linear.KEY_DIMS), _padded(vd, gpu_linear.VALUE_DIMS)
+  pad = lambda x, n: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
+  if (kp, vp) != (kd, vd):
+    q, k, v = pad(q, kp), pad(k, kp), pad(v, vp)
+    state = common["initial_state"]
+    if state is not None:
+      common = dict(common, initial_state=jnp.pad(state, ((0, 0), (0, 0), (0, kp - kd),
+                                                          (0, vp - vd))))
+  if beta is not None:
+    o, final = gpu_delta.gated_delta_rule(q, k, v, g, beta, **common)
+  else:
+    o, final = gpu_linear.simple_gla(q, k, v, g, **common)
+  return o[..., :vd], final[:, :, :kd, :vd]
 
 
 def linear_recurrence_pallas(q, k, v, g=None, beta=None, *, scale, initial_state=None,
@@ -100,9 +133,7 @@ def linear_recurrence_pallas(q, k, v, g=None, beta=None, *, scale, initial_state
   if backend == "gpu":
     if g is not None and g.ndim == 4:
       raise ValueError("GLA's per-channel gate has no Mosaic GPU kernel yet")
-    if beta is not None:
-      return gpu_delta.gated_delta_rule(q, k, v, g, beta, **common)
-    return gpu_linear.simple_gla(q, k, v, g, **common)
+    return _gpu_padded(q, k, v, g, beta, common)
   if beta is not None:
     if g is None:
       return chunked_linear.delta_rule(q, k, v, beta, **common)

@@ -23,6 +23,7 @@ import pytest
 
 from attnlab import ops
 from attnlab.ops import linear_pallas, pallas_target
+from pallas_kernels.gpu import _interpret as gpu_interpreter
 from tests import oracle_linear as oracle
 
 # Relative error bounds. bfloat16 is compared with the oracle run on the bf16-rounded
@@ -619,7 +620,9 @@ class TestPallasGpu(LinearAttentionSuite):
       pytest.skip("refused on a GPU (XLA's emitter fails on the padding of very short "
                   "sequences); dispatch runs xla")
     if normalize in case.features:
-      pytest.skip("normalize adds a value column (V = 65): refused by the GPU kernel")
+      pytest.skip("normalize adds a value column (V = 65, zero-padded to 128 on a GPU) and "
+                  "these cases' identity features let the normalizer cancel, beyond "
+                  "bfloat16; the padded path: test_gpu_kernels_run_on_zero_padded_head_dims")
 
   def check(self, case, rng, dtype=jnp.bfloat16, chunk_size=None):
     case = dataclasses.replace(case, key_dim=64, value_dim=64)
@@ -695,6 +698,25 @@ def test_pallas_tier_says_why_it_cannot_run(rng):
     auto, _ = call()
   xla, _ = call(implementation="xla")
   assert np.array_equal(np.asarray(auto), np.asarray(xla))
+
+
+@pytest.mark.skipif(not gpu_interpreter.available(),
+                    reason="this jax has no Mosaic GPU interpreter")
+@pytest.mark.parametrize("case", [
+    Case("delta_K16_V32_docs_init", "delta_rule", 70, features=(segment_ids, initial_state)),
+    # Positive features keep the normalizer away from zero (its bfloat16 rounding then
+    # stays a bfloat16-sized error of the output).
+    Case("linear_elu_normalize_V33", "linear_attn", 70,
+         features=(feature_map("elu_plus_one"), normalize)),
+], ids=str)
+def test_gpu_kernels_run_on_zero_padded_head_dims(case, rng):
+  """Head dims the Mosaic GPU kernels do not take (K = 16, V = 32, and V + 1 = 33 from
+  ``normalize``'s extra value column) run zero-padded to 64 and cut back: in the
+  interpreter, bfloat16, output, final state and every gradient against the oracle."""
+  problem = case.problem(rng, jnp.bfloat16)
+  with pallas_target.interpret_kernels("gpu"):
+    out, final, grads = run(problem, "pallas", 64, jit=False)
+  assert_matches(problem, out, final, grads, problem.expected())
 
 
 def test_automatic_dispatch_is_not_the_reference(rng):
