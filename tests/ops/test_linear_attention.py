@@ -679,8 +679,8 @@ def test_mechanisms_and_tiers_are_registered():
 
 def test_pallas_tier_says_why_it_cannot_run(rng):
   """Without a TPU (or its interpreter) the kernels refuse with the reason, and so does a
-  GPU for float32 (and for GLA: no Mosaic GPU kernel yet) and an odd chunk size; automatic dispatch never
-  picks the interpret-only kernels."""
+  GPU for float32, for head dims above 128 and for GLA (no Mosaic GPU kernel yet), and a
+  TPU for an odd chunk size; automatic dispatch never picks the interpret-only kernels."""
   problem = Case("refused", "simple_gla", 33, 1.0).problem(rng)
   call = lambda **kw: ops.simple_gla(**problem.diff, **problem.static, **kw)
   if jax.default_backend() not in ("tpu", "gpu"):
@@ -689,6 +689,10 @@ def test_pallas_tier_says_why_it_cannot_run(rng):
   with pallas_target.interpret_kernels("gpu"):
     with pytest.raises(ValueError, match="bfloat16 or all float16"):
       call(implementation="pallas")
+    wide = Case("refused_wide", "simple_gla", 33, 1.0, key_dim=160).problem(rng,
+                                                                        jnp.bfloat16)
+    with pytest.raises(ValueError, match="head dims up to 128"):
+      ops.simple_gla(**wide.diff, **wide.static, implementation="pallas")
     gla = Case("refused_gla", "gla", 33, 1.0).problem(rng)
     with pytest.raises(ValueError, match="GLA.s per-channel gate has no Mosaic GPU kernel"):
       ops.gla(**gla.diff, **gla.static, implementation="pallas")
