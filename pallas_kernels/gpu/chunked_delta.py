@@ -24,9 +24,8 @@ corrections ``d``. So:
 
 * UT transform, grid ``(T / C, H, B)`` (``chunked_ut.py``): ``U`` (float32), ``N`` (input
   dtype) and ``X = (I + L)^{-T}`` (float32, saved for the backward) for every chunk at
-  once. The gate
-  factors ``e^b``, ``e^a``, ``e^G`` are shared with ``chunked_linear.py`` (XLA, gradients
-  by autodiff).
+  once. The gate factors ``e^b``, ``e^a``, ``e^G`` are shared with ``chunked_linear.py``
+  (XLA, gradients by autodiff).
 * states, grid ``(V / 64, H, B)``: walks the chunks with ``S[:, 64 values]`` in float32
   registers; per chunk ``d = U + N S`` (one product) and the state update (another),
   saving the state entering every chunk and ``d`` (input dtype).
