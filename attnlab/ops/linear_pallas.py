@@ -13,12 +13,12 @@ kernels; float32 states and accumulation.
   on CPU in TPU interpret mode (``attnlab.ops.pallas_target.interpret_kernels("tpu")``);
   joins automatic dispatch only once it has run on a TPU.
 * GPU (Hopper): the simple-GLA family (``linear_attn``, ``retention``, ``simple_gla``,
-  ``pallas_kernels/gpu/chunked_linear.py``) and the delta rules (``delta_rule``,
-  ``gated_delta_rule``, ``pallas_kernels/gpu/chunked_delta.py`` and ``chunked_ut.py``) with
+  ``pallas_kernels/gpu/chunked_linear.py``), GLA (``pallas_kernels/gpu/chunked_gla.py``
+  and ``gla_scores.py``) and the delta rules (``delta_rule``, ``gated_delta_rule``,
+  ``pallas_kernels/gpu/chunked_delta.py`` and ``chunked_ut.py``) with
   q / k / v bfloat16 or float16, key and value head dims up to 128 (zero-padded to 64 or
   128; automatic dispatch takes 64 and 128 only, the padded dims having run in the
-  interpreter only so far), chunks of 64. GLA has no Mosaic GPU kernel yet: the tier
-  refuses it with that reason and automatic dispatch runs xla. Tested on an H100 and, on
+  interpreter only so far), chunks of 64. Tested on an H100 and, on
   CPU, in the Mosaic GPU interpreter (``interpret_kernels("gpu")``).
 """
 
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from attnlab.ops.pallas_target import kernel_target, not_hopper_reason
 from pallas_kernels.gpu import chunked_delta as gpu_delta
+from pallas_kernels.gpu import chunked_gla as gpu_gla
 from pallas_kernels.gpu import chunked_linear as gpu_linear
 from pallas_kernels.tpu import chunk_math
 from pallas_kernels.tpu import chunked_linear
@@ -42,9 +43,6 @@ def _padded(dim, dims):
 
 
 def _gpu_supports(call) -> str | None:
-  if call.g is not None and call.g.ndim == 4:
-    return ("the Mosaic GPU chunked kernels cover the simple GLA family and the delta "
-            "rules; GLA's per-channel gate has no Mosaic GPU kernel yet")
   if call.q.dtype not in gpu_linear.DTYPES or call.k.dtype != call.q.dtype \
       or call.v.dtype != call.q.dtype:
     return (f"the GPU kernel takes q, k, v all bfloat16 or all float16 (wgmma operands), "
@@ -114,6 +112,8 @@ def _gpu_padded(q, k, v, g, beta, common):
                                                           (0, vp - vd))))
   if beta is not None:
     o, final = gpu_delta.gated_delta_rule(q, k, v, g, beta, **common)
+  elif g.ndim == 4:   # zero gates on the padded key channels: no decay, and k = 0 there
+    o, final = gpu_gla.gla(q, k, v, pad(g, kp) if kp != kd else g, **common)
   else:
     o, final = gpu_linear.simple_gla(q, k, v, g, **common)
   return o[..., :vd], final[:, :, :kd, :vd]
@@ -131,8 +131,6 @@ def linear_recurrence_pallas(q, k, v, g=None, beta=None, *, scale, initial_state
   if g is None and beta is None:
     g = jnp.zeros(q.shape[:3], jnp.float32)  # plain linear attention: no decay
   if backend == "gpu":
-    if g is not None and g.ndim == 4:
-      raise ValueError("GLA's per-channel gate has no Mosaic GPU kernel yet")
     return _gpu_padded(q, k, v, g, beta, common)
   if beta is not None:
     if g is None:

@@ -262,10 +262,19 @@ def _output_kernel(static, refs, scratch):
 
 
 def _forward(static, q, k, v, vec, tot, h0):
-  b, tp, heads, kd = q.shape
-  vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
+  states, final = states_call(static, k, v, vec, tot, h0)
+  return output_call(static, q, k, v, states, vec), states, final
+
+
+def states_call(static, k, v, vec, tot, h0):
+  """The states walk: ``(states [B, H, T / C, K, V]`` in k's dtype, ``final [B, H, K, V]``
+  float32) from ``tot [B, H, T / C, K]`` (the chunk's decay per key channel) and the
+  factors ``vec`` (the walk reads ``e^a``, row 2). Also GLA's walk (``e^a`` folded into
+  k)."""
+  b, tp, heads, kd = k.shape
+  vd, nc, dtype = static.value_dim, static.num_chunks, k.dtype
   two = lambda shape, dt=dtype: tiles.swizzled((2,) + shape, dt)
-  states, final = _sequential(
+  return _sequential(
       static, _states_kernel, dict(k=k, v=v, vec=vec, tot=tot, h0=h0),
       dict(states=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
            final=jax.ShapeDtypeStruct((b, heads, kd, vd), _F32)),
@@ -273,7 +282,6 @@ def _forward(static, q, k, v, vec, tot, h0):
        plgpu.SMEM((2, BLOCK_K), _F32), tiles.swizzled((BLOCK_K, BLOCK_V), dtype),
        tiles.swizzled((CHUNK, BLOCK_K), dtype), plgpu.Barrier(num_arrivals=4, num_barriers=2),
        plgpu.Barrier()), b, heads)
-  return output_call(static, q, k, v, states, vec), states, final
 
 
 def output_call(static, q, k, v, states, vec):
@@ -394,10 +402,19 @@ def _grads_kernel(static, refs, scratch):
 
 
 def _backward_call(static, q, k, v, d_o, states, vec, tot, dfinal):
+  dstates, dh0, dtot = dstates_call(static, q, d_o, states, vec, tot, dfinal)
+  dq, dk, dv, dvec = grads_call(static, q, k, v, d_o, states, dstates, vec)
+  return dq, dk, dv, dvec, dtot, dh0
+
+
+def dstates_call(static, q, d_o, states, vec, tot, dfinal):
+  """The state-gradient walk: ``(dstates [B, H, T / C, K, V]`` in q's dtype, ``dh0 [B, H,
+  K, V]`` float32, ``dtot [V / 64, B, H, T / C, K]`` float32 ``<S, dS>`` per key channel
+  and value block) from the factors ``vec`` (the walk reads ``e^b``, row 1)."""
   b, tp, heads, kd = q.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
   two = lambda shape, dt=dtype: tiles.swizzled((2,) + shape, dt)
-  dstates, dh0, dtot = _sequential(
+  return _sequential(
       static, _dstates_kernel,
       dict(q=q, do=d_o, states=states, vec=vec, tot=tot, dfinal=dfinal),
       dict(dstates=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
@@ -408,8 +425,6 @@ def _backward_call(static, q, k, v, d_o, states, vec, tot, dfinal):
        tiles.swizzled((BLOCK_K, BLOCK_V), dtype), tiles.swizzled((CHUNK, BLOCK_K), dtype),
        plgpu.SMEM((BLOCK_K,), _F32), plgpu.Barrier(num_arrivals=5, num_barriers=2),
        plgpu.Barrier()), b, heads)
-  dq, dk, dv, dvec = grads_call(static, q, k, v, d_o, states, dstates, vec)
-  return dq, dk, dv, dvec, dtot, dh0
 
 
 def grads_call(static, q, k, v, d_o, states, dstates, vec, dv_dtype=None):

@@ -592,9 +592,9 @@ class TestPallasTpuInterpret(LinearAttentionSuite):
 
 
 class TestPallasGpu(LinearAttentionSuite):
-  """The pallas tier on an H100: the Mosaic GPU kernels (simple GLA family and the delta
-  rules), compiled, on the suite's cases as bfloat16 with key and value head dims of 64
-  and chunks of 64 (the kernels' operands). float32 and GLA are refused with a reason
+  """The pallas tier on an H100: the Mosaic GPU kernels (simple GLA family, GLA and the
+  delta rules), compiled, on the suite's cases as bfloat16 with key and value head dims of
+  64 and chunks of 64 (the kernels' operands). float32 is refused with a reason
   (checked in ``test_pallas_tier_says_why_it_cannot_run``). On CPU the kernels run
   interpreted in ``tests/pallas_kernels/gpu/``."""
 
@@ -630,7 +630,7 @@ class TestPallasGpu(LinearAttentionSuite):
     return super().check(case, rng, jnp.bfloat16, chunk_size)
 
 
-GPU_OPS = ("linear_attn", "retention", "simple_gla", "delta_rule", "gated_delta_rule")
+GPU_OPS = ("linear_attn", "retention", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
 
 
 # ---------------------------------------------------------------------- decode steps
@@ -679,7 +679,7 @@ def test_mechanisms_and_tiers_are_registered():
 
 def test_pallas_tier_says_why_it_cannot_run(rng):
   """Without a TPU (or its interpreter) the kernels refuse with the reason, and so does a
-  GPU for float32, for head dims above 128 and for GLA (no Mosaic GPU kernel yet), and a
+  GPU for float32 and for head dims above 128, and a
   TPU for an odd chunk size; automatic dispatch never picks the interpret-only kernels."""
   problem = Case("refused", "simple_gla", 33, 1.0).problem(rng)
   call = lambda **kw: ops.simple_gla(**problem.diff, **problem.static, **kw)
@@ -693,9 +693,6 @@ def test_pallas_tier_says_why_it_cannot_run(rng):
                                                                         jnp.bfloat16)
     with pytest.raises(ValueError, match="head dims up to 128"):
       ops.simple_gla(**wide.diff, **wide.static, implementation="pallas")
-    gla = Case("refused_gla", "gla", 33, 1.0).problem(rng)
-    with pytest.raises(ValueError, match="GLA.s per-channel gate has no Mosaic GPU kernel"):
-      ops.gla(**gla.diff, **gla.static, implementation="pallas")
   with pallas_target.interpret_kernels("tpu"):
     with pytest.raises(ValueError, match="multiples of 16"):
       call(implementation="pallas", chunk_size=24)
@@ -708,6 +705,7 @@ def test_pallas_tier_says_why_it_cannot_run(rng):
                     reason="this jax has no Mosaic GPU interpreter")
 @pytest.mark.parametrize("case", [
     Case("delta_K16_V32_docs_init", "delta_rule", 70, features=(segment_ids, initial_state)),
+    Case("gla_K16_V32_init", "gla", 70, 1.0, features=(initial_state,)),
     # Positive features keep the normalizer away from zero (its bfloat16 rounding then
     # stays a bfloat16-sized error of the output).
     Case("linear_elu_normalize_V33", "linear_attn", 70,
