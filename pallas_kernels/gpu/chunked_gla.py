@@ -87,7 +87,7 @@ def _grads_kernel(static, refs, scratch):
                  (refs["dstates"].at[batch, head, c], dh_s),
                  (refs["a"].at[batch, head, c], a_s)], bar)
   plgpu.barrier_wait(bar)
-  for name, lhs, rhs in (("da", do_s, v_s), ("dat", v_s, do_s)):
+  for name, lhs, rhs in (("da", do_s, v_s), ("dat", v_s, do_s))[:1 + ("dat" in refs)]:
     d = tiles.matmul(lhs, rhs, _SQUARE, interp, transpose_b=True)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     sq_s[...] = (d * scale).astype(sq_s.dtype)
@@ -117,17 +117,20 @@ def _output_call(static, qt, v, states, a):
   return o
 
 
-def _grads_call(static, qt, kt, v, d_o, states, dstates, a):
+def _grads_call(static, mode_, qt, kt, v, d_o, states, dstates, a):
+  """``dq~``, ``dk~`` (float32), ``dv``, ``dA`` and, for the scores' PAIRS mode only,
+  ``dA^T``."""
   b, tp, heads, kd = qt.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, qt.dtype
   one = lambda shape: tiles.swizzled(shape, dtype)
   square = jax.ShapeDtypeStruct((b, heads, nc, CHUNK, CHUNK), dtype)
+  transposed = dict(dat=square) if mode_ == scores.PAIRS else {}
   return base._parallel(
       static, _grads_kernel,
       dict(q=qt, k=kt, v=v, do=d_o, states=states, dstates=dstates, a=a),
       dict(dq=jax.ShapeDtypeStruct((b, tp, heads, kd), _F32),
            dk=jax.ShapeDtypeStruct((b, tp, heads, kd), _F32),
-           dv=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype), da=square, dat=square),
+           dv=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype), da=square, **transposed),
       (one((CHUNK, kd)), one((CHUNK, kd)), one((CHUNK, vd)), one((CHUNK, vd)),
        one((kd, vd)), one((kd, vd)), one(_SQUARE), one(_SQUARE), one((CHUNK, vd)),
        plgpu.Barrier(num_arrivals=7)), b, heads)
@@ -145,21 +148,21 @@ def _scaled(x, factor):
   return (x.astype(_F32) * factor).astype(x.dtype)
 
 
-def _forward(static, q, k, v, b, doc, into, out_of, tot, h0):
+def _forward(static, mode_, q, k, v, b, doc, into, out_of, tot, h0):
   bsz, _, heads, _ = q.shape
   qt, kt = _scaled(q, into), _scaled(k, out_of)
-  a = scores.forward_call(static, q, k, b, doc)
+  a = scores.forward_call(static, mode_, q, k, b, doc)
   states, final = base.states_call(static, kt, v, _walk_vec(static, bsz, heads), tot, h0)
   return _output_call(static, qt, v, states, a), final, a, states
 
 
-def _backward(static, q, k, v, b, doc, into, out_of, tot, a, states, d_o, dfinal):
+def _backward(static, mode_, q, k, v, b, doc, into, out_of, tot, a, states, d_o, dfinal):
   bsz, _, heads, _ = q.shape
   qt, kt = _scaled(q, into), _scaled(k, out_of)
   dstates, dh0, dtot = base.dstates_call(static, qt, d_o, states,
                                          _walk_vec(static, bsz, heads), tot, dfinal)
-  dqt, dkt, dv, da, dat = _grads_call(static, qt, kt, v, d_o, states, dstates, a)
-  dq, dk, db = scores.backward_call(static, q, k, b, doc, da, dat)
+  dqt, dkt, dv, *da = _grads_call(static, mode_, qt, kt, v, d_o, states, dstates, a)
+  dq, dk, db = scores.backward_call(static, mode_, q, k, b, doc, *da)
   return (dq + dqt * into, dk + dkt * out_of, dv, db, dqt * q.astype(_F32),
           dkt * k.astype(_F32), dtot.sum(0), dh0)
 
@@ -167,28 +170,28 @@ def _backward(static, q, k, v, b, doc, into, out_of, tot, a, states, d_o, dfinal
 _BTHD, _BH = (0, 2), (0, 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked(static, q, k, v, b, doc, into, out_of, tot, h0):
-  o, final, _, _ = _fwd_impl(static, q, k, v, b, doc, into, out_of, tot, h0)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked(static, mode_, q, k, v, b, doc, into, out_of, tot, h0):
+  o, final, _, _ = _fwd_impl(static, mode_, q, k, v, b, doc, into, out_of, tot, h0)
   return o, final
 
 
-def _fwd_impl(static, *args):
-  return base._shielded(static, functools.partial(_forward, static), args,
+def _fwd_impl(static, mode_, *args):
+  return base._shielded(static, functools.partial(_forward, static, mode_), args,
                         (_BTHD, _BTHD, _BTHD, _BTHD, _BH, _BTHD, _BTHD, _BH, _BH),
                         (_BTHD, _BH, _BH, _BH))
 
 
-def _chunked_fwd(static, q, k, v, b, doc, into, out_of, tot, h0):
-  o, final, a, states = _fwd_impl(static, q, k, v, b, doc, into, out_of, tot, h0)
+def _chunked_fwd(static, mode_, q, k, v, b, doc, into, out_of, tot, h0):
+  o, final, a, states = _fwd_impl(static, mode_, q, k, v, b, doc, into, out_of, tot, h0)
   return (o, final), (q, k, v, b, doc, into, out_of, tot, a, states)
 
 
-def _chunked_bwd(static, res, cotangents):
+def _chunked_bwd(static, mode_, res, cotangents):
   q, k, v, b, doc, into, out_of, tot, a, states = res
   d_o, dfinal = cotangents
   dq, dk, dv, db, dinto, dout_of, dtot, dh0 = base._shielded(
-      static, functools.partial(_backward, static),
+      static, functools.partial(_backward, static, mode_),
       res + (d_o.astype(q.dtype), dfinal.astype(_F32)),
       (_BTHD,) * 4 + (_BH,) + (_BTHD,) * 2 + (_BH,) * 3 + (_BTHD, _BH),
       (_BTHD,) * 6 + (_BH, _BH))
@@ -264,6 +267,17 @@ def gla(q, k, v, g, *, scale, initial_state=None, output_final_state=False,
   h0 = (jnp.zeros((batch, heads, kd, vd), _F32) if initial_state is None
         else initial_state.astype(_F32))
   static = base._Static(float(scale), padded // CHUNK, kd, vd, bool(interpret))
-  o, final = _chunked(static, q, k, v, b, lax.stop_gradient(doc), into, out_of, tot, h0)
+  args = (q, k, v, b, lax.stop_gradient(doc), into, out_of, tot, h0)
+  mode_ = scores.mode(lax.stop_gradient(b), q.dtype)
+  try:
+    mode_ = int(mode_)        # eager (the interpreter's tests): run that mode only
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+    mode_ = None
+  if mode_ is None:           # traced: every mode compiled, one run
+    o, final = lax.switch(scores.mode(lax.stop_gradient(b), q.dtype),
+                          [functools.partial(_chunked, static, m) for m in scores.MODES],
+                          *args)
+  else:
+    o, final = _chunked(static, mode_, *args)
   o = o[:, :length] if pad else o
   return o, (final if output_final_state else None)

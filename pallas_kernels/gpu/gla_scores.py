@@ -87,13 +87,15 @@ def _exp_le0(x):
 
 
 def _to_rows_buffers(static, scratch, h, names):
-  """The half's tiles as float32 registers, also stored untiled for row reads."""
+  """The half's tiles as float32 registers, also stored untiled (for row reads) where the
+  launch has a buffer for them."""
   interp = static.interpret
   out = {}
   plgpu.commit_smem()   # the previous half's row reads are done before the overwrite
   for n in names:
     x = tiles.load(scratch[n].at[h], _TILE, interp).astype(_F32)
-    scratch[n + "_rows"][...] = x
+    if n + "_rows" in scratch:
+      scratch[n + "_rows"][...] = x
     out[n] = x
   plgpu.commit_smem()
   return out
@@ -108,129 +110,221 @@ def _masks(static, scratch):
   return r, col, br, bc, same
 
 
+# ----------------------------------------------------------------------------- modes
+
+# How a launch splits the pair decays, chosen per launch from the gates (``mode``):
+WHOLE = 0     # one reference for the chunk: one product (every chunk's b within a range)
+BLOCKS = 1    # references per 16-token block: four products (every block within range)
+PAIRS = 2     # the diagonal blocks pair by pair (any gates)
+MODES = (WHOLE, BLOCKS, PAIRS)
+# The range: a factor e^{b - ref} or e^{ref - b} is at most e^{range}; it and the products
+# it enters stay far inside the operand dtype (bfloat16 has float32's exponent, float16
+# tops out at 65504 ~ e^11).
+RANGE = {jnp.dtype(jnp.bfloat16): 40.0, jnp.dtype(jnp.float16): 4.0}
+
+
+def mode(b, dtype):
+  """The launch's mode (an int32 scalar) from the in-chunk gate sums ``b [B, T, H, K]``
+  (``T`` a multiple of the chunk): WHOLE when every chunk's ``b`` spans at most
+  ``RANGE[dtype]`` on every channel, else BLOCKS when every 16-token block's does, else
+  PAIRS."""
+  bsz, length, heads, kd = b.shape
+  blocks = b.reshape(bsz, length // SUB, SUB, heads, kd)
+  chunks = b.reshape(bsz, length // CHUNK, CHUNK, heads, kd)
+  span = lambda x: (x.max(axis=2) - x.min(axis=2)).max()
+  limit = RANGE[jnp.dtype(dtype)]
+  return jnp.where(span(chunks) <= limit, WHOLE,
+                   jnp.where(span(blocks) <= limit, BLOCKS, PAIRS)).astype(jnp.int32)
+
+
+def _ref_rows(static, scratch, br, row):
+  """``[C, LANES]``: ``b`` at row ``row`` of the chunk (an int) or of each row's block."""
+  if row == "block":
+    return _gather(static, scratch["b_rows"], 0, br)
+  return tiles.cols(tiles.load(scratch["b_rows"].at[row], _COL, static.interpret), _SQUARE)
+
+
+def _split_factors(bf, ref, clip):
+  """The query and key factors ``e^{b - ref}``, ``e^{ref - b}`` (``clip``: at most 1)."""
+  ex = _exp_le0 if clip else jnp.exp
+  return ex(bf - ref), ex(ref - bf)
+
+
+def _stage_split(static, scratch, qt, kt, keep):
+  """The split operands ``q~``, ``k~`` (key rows outside ``keep`` zeroed) as high and low
+  16-bit parts: the products then carry about 16 significant bits of the factors, as the
+  pair-by-pair path does (one rounding of ``q~`` alone costs the gate gradient ~2x)."""
+  kt = kt if keep is None else jnp.where(keep, kt, 0.0)
+  for x, hi, lo in ((qt, "qt", "qt_lo"), (kt, "kt", "kt_lo")):
+    ut._store_split(static, x, scratch[hi], scratch[lo])
+  plgpu.commit_smem()
+
+
+def _parts(static, mode_, br):
+  """``(reference, clip, key rows kept)`` of each split product: the three key blocks
+  against later rows, or the chunk's one reference, plus the blocks' own references."""
+  if mode_ == WHOLE:
+    return [(0, False, None)]
+  parts = [(SUB * j + SUB - 1, True, br == j) for j in range(CHUNK // SUB - 1)]
+  if mode_ == BLOCKS:
+    parts.append(("block", False, None))
+  return parts
+
+
 # --------------------------------------------------------------------------- forward
 
 
-def _forward_kernel(static, refs, scratch):
-  scratch = dict(zip(("q", "k", "b", "doc", "doct", "k_rows", "b_rows", "qt", "kt", "a",
-                      "bar"), scratch))
+def _forward_kernel(static, mode_, refs, scratch):
   interp, dtype = static.interpret, scratch["q"].dtype
   c, head, batch = base._chunk_position()
   _copy_inputs(refs, scratch, ("q", "k", "b"), static)
   r, col, br, bc, same = _masks(static, scratch)
+  parts = _parts(static, mode_, br)
   a_off = a_diag = tiles.zeros(_SQUARE, interp)
   for h in _halves(static):
-    x = _to_rows_buffers(static, scratch, h, ("k", "b"))
-    qf = tiles.load(scratch["q"].at[h], _TILE, interp).astype(_F32)
-    kf, bf = x["k"], x["b"]
-    for j in range(CHUNK // SUB - 1):       # key block j against the later rows
-      ref = tiles.cols(tiles.load(scratch["b_rows"].at[SUB * j + SUB - 1], _COL, interp),
-                       _SQUARE)
-      scratch["qt"][...] = (qf * _exp_le0(bf - ref)).astype(dtype)
-      scratch["kt"][...] = jnp.where(br == j, kf * _exp_le0(ref - bf), 0.0).astype(dtype)
+    x = _to_rows_buffers(static, scratch, h, ("q", "k", "b"))
+    qf, kf, bf = x["q"], x["k"], x["b"]
+    for row, clip, keep in parts:
+      qfac, kfac = _split_factors(bf, _ref_rows(static, scratch, br, row), clip)
+      _stage_split(static, scratch, qf * qfac, kf * kfac, keep)
+      mm = functools.partial(tiles.matmul_add, interpret=interp, transpose_b=True)
+      acc = a_diag if row == "block" else a_off
+      acc = mm(mm(mm(acc, scratch["qt"], scratch["kt"]), scratch["qt"], scratch["kt_lo"]),
+               scratch["qt_lo"], scratch["kt"])
+      if row == "block":
+        a_diag = acc
+      else:
+        a_off = acc
       plgpu.commit_smem()
-      a_off = tiles.matmul_add(a_off, scratch["qt"], scratch["kt"], interp, transpose_b=True)
 
-    def column(j, a):
-      kc = _gather(static, scratch["k_rows"], j, br)
-      bcol = _gather(static, scratch["b_rows"], j, br)
-      val = (qf * kc * _exp_le0(bf - bcol)).sum(axis=1)
-      return a + jnp.where(col == SUB * br + j, tiles.rows(val, _SQUARE), 0.0)
+    if mode_ == PAIRS:
+      def column(j, a):
+        kc = _gather(static, scratch["k_rows"], j, br)
+        bcol = _gather(static, scratch["b_rows"], j, br)
+        val = (qf * kc * _exp_le0(bf - bcol)).sum(axis=1)
+        return a + jnp.where(col == SUB * br + j, tiles.rows(val, _SQUARE), 0.0)
 
-    a_diag = lax.fori_loop(0, SUB, column, a_diag)
-  a = jnp.where(br > bc, a_off, jnp.where(br == bc, a_diag, 0.0))
+      a_diag = lax.fori_loop(0, SUB, column, a_diag)
+  a = a_off if mode_ == WHOLE else jnp.where(br > bc, a_off,
+                                              jnp.where(br == bc, a_diag, 0.0))
   scratch["a"][...] = jnp.where(same & (r >= col), a, 0.0).astype(dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(scratch["a"], refs["a"].at[batch, head, c])
   plgpu.wait_smem_to_gmem(0)
 
 
-def _scratch(static, dtype, names, extra):
+def _launch(static, kernel, mode_, inputs, out_type, specs):
+  """A chunk-parallel launch whose kernel gets its scratch as a dict named like ``specs``."""
+  names = tuple(specs)
+  return base._parallel(
+      static, lambda st, refs, scr: kernel(st, mode_, refs, dict(zip(names, scr))), inputs,
+      out_type, tuple(specs.values()), inputs["q"].shape[0], inputs["q"].shape[2])
+
+
+def _specs(static, dtype, names, rows, extra):
+  """Shared memory: the inputs per 64 key channels, the document index (row and column
+  copies), untiled float32 copies of the ``rows`` inputs, the split operands, ``extra``,
+  and the barrier of the input copies."""
   nh = static.key_dim // LANES
-  tile = {"q": dtype, "k": dtype, "b": _F32}
-  return ((*(tiles.swizzled((nh, CHUNK, LANES), tile[n]) for n in names),
-           plgpu.SMEM((CHUNK,), _F32), plgpu.SMEM((CHUNK,), _F32))
-          + tuple(extra) + (plgpu.Barrier(num_arrivals=2 + len(names) * nh),))
+  dt = {"q": dtype, "k": dtype, "b": _F32}
+  specs = {n: tiles.swizzled((nh, CHUNK, LANES), dt[n]) for n in names}
+  specs.update(doc=plgpu.SMEM((CHUNK,), _F32), doct=plgpu.SMEM((CHUNK,), _F32))
+  specs.update({n + "_rows": plgpu.SMEM((CHUNK, LANES), _F32) for n in rows})
+  specs.update({n: tiles.swizzled((CHUNK, LANES), dtype)
+                for n in ("qt", "qt_lo", "kt", "kt_lo")})
+  specs.update(extra)
+  specs["bar"] = plgpu.Barrier(num_arrivals=2 + len(names) * nh)
+  return specs
 
 
-def forward_call(static, q, k, b, doc):
+def forward_call(static, mode_, q, k, b, doc):
   """``A [B, H, T / C, C, C]`` in q's dtype (unscaled) from ``q``, ``k [B, T, H, K]``, the
   in-chunk gate sums ``b [B, T, H, K]`` float32 and the document index ``doc [B, H, T / C,
-  C]`` float32."""
+  C]`` float32, in ``mode_`` (a Python int; see ``mode``)."""
   bsz, tp, heads, kd = q.shape
   dtype, nc = q.dtype, static.num_chunks
-  rows_f32 = plgpu.SMEM((CHUNK, LANES), _F32)
-  (a,) = base._parallel(
-      static, _forward_kernel, dict(q=q, k=k, b=b, doc=doc),
-      dict(a=jax.ShapeDtypeStruct((bsz, heads, nc, CHUNK, CHUNK), dtype)),
-      _scratch(static, dtype, ("q", "k", "b"),
-               (rows_f32, rows_f32, tiles.swizzled((CHUNK, LANES), dtype),
-                tiles.swizzled((CHUNK, LANES), dtype), tiles.swizzled(_SQUARE, dtype))),
-      bsz, heads)
+  rows = ("k", "b") if mode_ == PAIRS else ("b",)
+  (a,) = _launch(static, _forward_kernel, mode_, dict(q=q, k=k, b=b, doc=doc),
+                 dict(a=jax.ShapeDtypeStruct((bsz, heads, nc, CHUNK, CHUNK), dtype)),
+                 _specs(static, dtype, ("q", "k", "b"), rows,
+                        dict(a=tiles.swizzled(_SQUARE, dtype))))
   return a
 
 
 # -------------------------------------------------------------------------- backward
 
 
-def _backward_kernel(static, refs, scratch):
-  scratch = dict(zip(("q", "k", "b", "doc", "doct", "q_rows", "k_rows", "b_rows", "qt",
-                      "kt", "da_in", "da", "dat", "bar", "one"), scratch))
+def _backward_kernel(static, mode_, refs, scratch):
   interp, dtype = static.interpret, scratch["q"].dtype
   c, head, batch = base._chunk_position()
   rows = _copy_inputs(refs, scratch, ("q", "k", "b"), static)
 
-  # dA and dA^T on the strictly lower (upper) same-document pairs, and dA's diagonal.
+  # dA (and for PAIRS dA^T) on the strictly lower (upper) same-document pairs, and dA's
+  # diagonal.
   r, col, br, bc, same = _masks(static, scratch)
 
-  def load_grads(da_s, dat_s):
-    for src, dst in ((refs["da"], da_s), (refs["dat"], dat_s)):
-      plgpu.copy_gmem_to_smem(src.at[batch, head, c], dst, scratch["one"])
+  def load_grads(*bufs):
+    names_ = ("da", "dat")[:len(bufs)]
+    for name, dst in zip(names_, bufs):
+      plgpu.copy_gmem_to_smem(refs[name].at[batch, head, c], dst, scratch["one"])
       plgpu.barrier_wait(scratch["one"])
-    da = tiles.load(da_s, _TILE, interp).astype(_F32)
-    dat = tiles.load(dat_s, _TILE, interp).astype(_F32)
-    return (jnp.where(same & (r > col), da, 0.0), jnp.where(same & (col > r), dat, 0.0),
-            jnp.where(r == col, da, 0.0).sum(axis=1))
+    da = tiles.load(bufs[0], _TILE, interp).astype(_F32)
+    out = (jnp.where(same & (r > col), da, 0.0), jnp.where(r == col, da, 0.0).sum(axis=1))
+    if len(bufs) == 2:
+      dat = tiles.load(bufs[1], _TILE, interp).astype(_F32)
+      out += (jnp.where(same & (col > r), dat, 0.0),)
+    return out
 
   sq = tiles.swizzled(_SQUARE, dtype)
-  da, dat, da_diag = pl.run_scoped(load_grads, sq, sq)
+  if mode_ == PAIRS:
+    da, da_diag, dat = pl.run_scoped(load_grads, sq, sq)
+    scratch["dat"][...] = dat
+  else:
+    da, da_diag = pl.run_scoped(load_grads, sq)
   scratch["da"][...] = da
-  scratch["dat"][...] = dat
+  parts = _parts(static, mode_, br)
 
   for h in _halves(static):
     x = _to_rows_buffers(static, scratch, h, ("q", "k", "b"))
     qf, kf, bf = x["q"], x["k"], x["b"]
     dq = dk = tiles.zeros((CHUNK, LANES), interp)
-    for j in range(CHUNK // SUB - 1):
-      ref = tiles.cols(tiles.load(scratch["b_rows"].at[SUB * j + SUB - 1], _COL, interp),
-                       _SQUARE)
-      qfac, kfac = _exp_le0(bf - ref), _exp_le0(ref - bf)
-      scratch["qt"][...] = (qf * qfac).astype(dtype)
-      scratch["kt"][...] = jnp.where(br == j, kf * kfac, 0.0).astype(dtype)
+    for row, clip, keep in parts:
+      qfac, kfac = _split_factors(bf, _ref_rows(static, scratch, br, row), clip)
+      _stage_split(static, scratch, qf * qfac, kf * kfac, keep)
       dam = tiles.load(scratch["da"], _TILE, interp)
-      scratch["da_in"][...] = jnp.where((br > j) & (bc == j), dam, 0.0).astype(dtype)
+      if row == "block":
+        dam = jnp.where(br == bc, dam, 0.0)
+      elif row != 0:    # key block j = row // SUB against the later blocks
+        j = row // SUB
+        dam = jnp.where((br > j) & (bc == j), dam, 0.0)
+      scratch["da_in"][...] = dam.astype(dtype)
       plgpu.commit_smem()
-      dq = dq + qfac * tiles.matmul(scratch["da_in"], scratch["kt"], (CHUNK, LANES), interp)
-      dk = dk + kfac * tiles.matmul(scratch["da_in"], scratch["qt"], (CHUNK, LANES), interp,
-                                    transpose_a=True)
+      mm = functools.partial(tiles.matmul_add, interpret=interp)
+      sq = tiles.zeros((CHUNK, LANES), interp)
+      dq = dq + qfac * mm(mm(sq, scratch["da_in"], scratch["kt"]), scratch["da_in"],
+                          scratch["kt_lo"])
+      mm = functools.partial(mm, transpose_a=True)
+      dk = dk + kfac * mm(mm(sq, scratch["da_in"], scratch["qt"]), scratch["da_in"],
+                          scratch["qt_lo"])
       plgpu.commit_smem()   # every product has read qt / kt before the next overwrite
 
-    def dq_column(j, dq):
-      w = jnp.where(col == SUB * br + j, tiles.load(scratch["da"], _TILE, interp),
-                    0.0).sum(axis=1)
-      kc = _gather(static, scratch["k_rows"], j, br)
-      bcol = _gather(static, scratch["b_rows"], j, br)
-      return dq + tiles.rows(w, _SQUARE) * kc * _exp_le0(bf - bcol)
+    if mode_ == PAIRS:
+      def dq_column(j, dq):
+        w = jnp.where(col == SUB * br + j, tiles.load(scratch["da"], _TILE, interp),
+                      0.0).sum(axis=1)
+        kc = _gather(static, scratch["k_rows"], j, br)
+        bcol = _gather(static, scratch["b_rows"], j, br)
+        return dq + tiles.rows(w, _SQUARE) * kc * _exp_le0(bf - bcol)
 
-    def dk_column(j, dk):
-      w = jnp.where(col == SUB * br + j, tiles.load(scratch["dat"], _TILE, interp),
-                    0.0).sum(axis=1)
-      qc = _gather(static, scratch["q_rows"], j, br)
-      bcol = _gather(static, scratch["b_rows"], j, br)
-      return dk + tiles.rows(w, _SQUARE) * qc * _exp_le0(bcol - bf)
+      def dk_column(j, dk):
+        w = jnp.where(col == SUB * br + j, tiles.load(scratch["dat"], _TILE, interp),
+                      0.0).sum(axis=1)
+        qc = _gather(static, scratch["q_rows"], j, br)
+        bcol = _gather(static, scratch["b_rows"], j, br)
+        return dk + tiles.rows(w, _SQUARE) * qc * _exp_le0(bcol - bf)
 
-    dq = lax.fori_loop(0, SUB, dq_column, dq)
-    dk = lax.fori_loop(0, SUB, dk_column, dk)
+      dq = lax.fori_loop(0, SUB, dq_column, dq)
+      dk = lax.fori_loop(0, SUB, dk_column, dk)
     lanes = rows + (pl.ds(h * LANES, LANES),)
     diag = tiles.rows(da_diag, _SQUARE)
     base._stage_out(static, qf * dq - kf * dk, refs["db"].at[lanes])
@@ -239,18 +333,20 @@ def _backward_kernel(static, refs, scratch):
   plgpu.wait_smem_to_gmem(0)
 
 
-def backward_call(static, q, k, b, doc, da, dat):
-  """``dq``, ``dk``, ``db [B, T, H, K]`` float32 from ``dA`` and ``dA^T [B, H, T / C, C,
-  C]`` (input dtype) and the forward's inputs."""
+def backward_call(static, mode_, q, k, b, doc, da, dat=None):
+  """``dq``, ``dk``, ``db [B, T, H, K]`` float32 from ``dA [B, H, T / C, C, C]`` (input
+  dtype; and, in the PAIRS mode, ``dA^T``) and the forward's inputs."""
   bsz, tp, heads, kd = q.shape
   dtype = q.dtype
-  rows_f32 = plgpu.SMEM((CHUNK, LANES), _F32)
   grad = jax.ShapeDtypeStruct((bsz, tp, heads, kd), _F32)
-  return base._parallel(
-      static, _backward_kernel, dict(q=q, k=k, b=b, doc=doc, da=da, dat=dat),
-      dict(dq=grad, dk=grad, db=grad),
-      _scratch(static, dtype, ("q", "k", "b"),
-               (rows_f32, rows_f32, rows_f32, tiles.swizzled((CHUNK, LANES), dtype),
-                tiles.swizzled((CHUNK, LANES), dtype), tiles.swizzled(_SQUARE, dtype),
-                tiles.swizzled(_SQUARE, _F32), tiles.swizzled(_SQUARE, _F32)))
-      + (plgpu.Barrier(),), bsz, heads)
+  inputs = dict(q=q, k=k, b=b, doc=doc, da=da)
+  extra = dict(da_in=tiles.swizzled(_SQUARE, dtype), da=tiles.swizzled(_SQUARE, _F32))
+  rows = ("b",)
+  if mode_ == PAIRS:
+    inputs["dat"] = dat
+    extra["dat"] = tiles.swizzled(_SQUARE, _F32)
+    rows = ("q", "k", "b")
+  specs = _specs(static, dtype, ("q", "k", "b"), rows, extra)
+  specs["one"] = plgpu.Barrier()
+  return _launch(static, _backward_kernel, mode_, inputs, dict(dq=grad, dk=grad, db=grad),
+                 specs)
