@@ -7,7 +7,7 @@ GLA (Yang et al. 2023) per head, with a float32 state ``S [K, V]``::
 
 Same contract as ``pallas_kernels/tpu/chunked_linear.py``'s ``gla`` (this module does
 not import attnlab). Chunks of ``C = 64`` tokens; inside a chunk, with ``b [C, K]`` the
-gates summed from the chunk's (or the document's) start, ``e^b`` ("into", zero for
+gates summed from the chunk's start, ``e^b`` ("into", zero for
 tokens whose document starts inside the chunk), ``e^a`` (the gates after each token,
 "out of", zero before the chunk's last document start) and ``e^G`` (the whole chunk, per
 channel; zero when a document starts in it)::
@@ -26,8 +26,9 @@ factors folded into q and k, and it runs on the same launches:
   S^T``, ``dk~ = v dS^T``, ``dv = scale A^T dO + k~ dS``, ``dA`` and ``dA^T``), then
   ``gla_scores.backward_call`` (``dq``, ``dk`` and ``db`` through ``A``).
 
-The factors are sums of gates over exact ranges computed in XLA (segmented scans, as in
-``chunked_linear.gate_factors``), and their gradients come from JAX's autodiff.
+The factors are sums of gates over exact ranges computed in XLA (float32 products with
+0/1 matrices; segmented scans where documents start), and their gradients come from JAX's
+autodiff.
 
 Inputs bfloat16 or float16; ``K`` and ``V`` 64 or 128. Runs on an H100/H200 and, slowly,
 on CPU in the Mosaic GPU interpreter of jax 0.10.2.
@@ -153,12 +154,12 @@ def _forward(static, mode_, q, k, v, b, doc, into, out_of, tot, h0):
   qt, kt = _scaled(q, into), _scaled(k, out_of)
   a = scores.forward_call(static, mode_, q, k, b, doc)
   states, final = base.states_call(static, kt, v, _walk_vec(static, bsz, heads), tot, h0)
-  return _output_call(static, qt, v, states, a), final, a, states
+  return _output_call(static, qt, v, states, a), final, a, states, qt, kt
 
 
-def _backward(static, mode_, q, k, v, b, doc, into, out_of, tot, a, states, d_o, dfinal):
+def _backward(static, mode_, q, k, v, b, doc, into, out_of, tot, a, states, qt, kt, d_o,
+              dfinal):
   bsz, _, heads, _ = q.shape
-  qt, kt = _scaled(q, into), _scaled(k, out_of)
   dstates, dh0, dtot = base.dstates_call(static, qt, d_o, states,
                                          _walk_vec(static, bsz, heads), tot, dfinal)
   dqt, dkt, dv, *da = _grads_call(static, mode_, qt, kt, v, d_o, states, dstates, a)
@@ -172,28 +173,29 @@ _BTHD, _BH = (0, 2), (0, 1)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _chunked(static, mode_, q, k, v, b, doc, into, out_of, tot, h0):
-  o, final, _, _ = _fwd_impl(static, mode_, q, k, v, b, doc, into, out_of, tot, h0)
+  o, final, *_ = _fwd_impl(static, mode_, q, k, v, b, doc, into, out_of, tot, h0)
   return o, final
 
 
 def _fwd_impl(static, mode_, *args):
   return base._shielded(static, functools.partial(_forward, static, mode_), args,
                         (_BTHD, _BTHD, _BTHD, _BTHD, _BH, _BTHD, _BTHD, _BH, _BH),
-                        (_BTHD, _BH, _BH, _BH))
+                        (_BTHD, _BH, _BH, _BH, _BTHD, _BTHD))
 
 
 def _chunked_fwd(static, mode_, q, k, v, b, doc, into, out_of, tot, h0):
-  o, final, a, states = _fwd_impl(static, mode_, q, k, v, b, doc, into, out_of, tot, h0)
-  return (o, final), (q, k, v, b, doc, into, out_of, tot, a, states)
+  o, final, a, states, qt, kt = _fwd_impl(static, mode_, q, k, v, b, doc, into, out_of,
+                                          tot, h0)
+  return (o, final), (q, k, v, b, doc, into, out_of, tot, a, states, qt, kt)
 
 
 def _chunked_bwd(static, mode_, res, cotangents):
-  q, k, v, b, doc, into, out_of, tot, a, states = res
+  q, k, v, b, doc, into, out_of, tot, a, states, qt, kt = res
   d_o, dfinal = cotangents
   dq, dk, dv, db, dinto, dout_of, dtot, dh0 = base._shielded(
       static, functools.partial(_backward, static, mode_),
       res + (d_o.astype(q.dtype), dfinal.astype(_F32)),
-      (_BTHD,) * 4 + (_BH,) + (_BTHD,) * 2 + (_BH,) * 3 + (_BTHD, _BH),
+      (_BTHD,) * 4 + (_BH,) + (_BTHD,) * 2 + (_BH,) * 3 + (_BTHD,) * 3 + (_BH,),
       (_BTHD,) * 6 + (_BH, _BH))
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv, db, jnp.zeros_like(doc), dinto,
           dout_of, dtot, dh0)
@@ -205,25 +207,37 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 # --------------------------------------------------------------------------- factors
 
 
+def _range_sums(gc, upper):
+  """Sums of ``gc [B, NC, C, H, K]`` over the chunk axis against the 0/1 matrix ``upper``
+  (``[C, C]``, row ``t`` selecting the range of ``t``): a float32 matrix product, so every
+  sum holds exactly the gates of its range (and so does its gradient)."""
+  return jnp.einsum("ts,bnshk->bnthk", upper.astype(_F32), gc,
+                    precision=lax.Precision.HIGHEST)
+
+
 def channel_factors(g, starts):
   """From log gates ``g [B, T, H, K]`` (``T`` a multiple of the chunk) and document starts
-  ``[B, T]`` (None: one document per row): ``b``, ``e^b``, ``e^a`` ``[B, T, H, K]``, the
-  chunks' ``e^G [B, H, T / C, K]`` and the document index ``[B, H, T / C, C]``; every
-  exponent a sum of exactly the gates of its range."""
+  ``[B, T]`` (None: one document per row): the in-chunk sums ``b`` for the scores (plain
+  sums from the chunk's start: a pair of one document decays by the gates between its
+  tokens either way, and pairs across documents are masked), ``e^b`` into the chunk and
+  ``e^a`` out of it ``[B, T, H, K]`` (zero across document starts), the chunks' ``e^G
+  [B, H, T / C, K]`` and the document index ``[B, H, T / C, C]``; every exponent a sum of
+  exactly the gates of its range."""
   batch, length, heads, kd = g.shape
   nc = length // CHUNK
   gc = g.astype(_F32).reshape(batch, nc, CHUNK, heads, kd)
+  t = jnp.arange(CHUNK)
+  b = _range_sums(gc, t[:, None] >= t[None, :])
   if starts is None:
-    b = jnp.cumsum(gc, axis=2)
     into = jnp.exp(b)
-    out_of = jnp.exp(base._suffix(gc, 2, exclusive=True))
-    tot = jnp.exp(base._suffix(gc, 2, exclusive=False)[:, :, 0])
+    out_of = jnp.exp(_range_sums(gc, t[None, :] > t[:, None]))
+    tot = jnp.exp(gc.sum(axis=2))
     doc = jnp.zeros((batch, heads, nc, CHUNK), _F32)
   else:
     st = jnp.broadcast_to(starts.reshape(batch, nc, CHUNK, 1, 1), gc.shape)
     st_count = st.astype(jnp.int32)
-    b = base._segmented_prefix(st, jnp.where(st, 0.0, gc), 2)
-    into = base._exp_where(jnp.cumsum(st_count, axis=2) == 0, b)
+    seg = base._segmented_prefix(st, jnp.where(st, 0.0, gc), 2)
+    into = base._exp_where(jnp.cumsum(st_count, axis=2) == 0, seg)
     out_of = base._exp_where(base._suffix(st_count, 2, exclusive=True) == 0,
                              base._suffix(gc, 2, exclusive=True))
     tot = base._exp_where(st_count.sum(axis=2) == 0,

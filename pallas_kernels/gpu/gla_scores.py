@@ -2,8 +2,8 @@
 per (chunk, head, batch row).
 
 GLA (Yang et al. 2023) decays every key channel on its own, so inside a chunk of
-``C = 64`` tokens, with ``b [C, K]`` the log gates summed from the chunk's (or the
-document's) start, the scores are::
+``C = 64`` tokens, with ``b [C, K]`` the log gates summed from the chunk's start, the
+scores are::
 
     A_ts = sum_d q_td k_sd e^{b_td - b_sd}       (s <= t, same document; else 0)
 
