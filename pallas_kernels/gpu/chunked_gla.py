@@ -16,19 +16,22 @@ channel; zero when a document starts in it)::
     S' = diag(e^G) S + k~^T v        k~ = k * e^a
 
 So GLA is simple GLA's chunk with the pair decay moved into ``A`` and the per-token
-factors folded into q and k, and it runs on the same launches:
+factors folded into q and k, and it runs on the same walks:
 
-* ``A`` for every chunk at once (``gla_scores.py``);
+* ``gla_scores.forward_call``, every chunk at once: ``b`` and ``a`` as exact range sums of
+  the gates (float32 products with 0/1 matrices), ``q~``, ``k~`` and ``A``;
 * the states walk of ``chunked_linear.py`` on ``k~`` with the per-channel ``e^G``;
 * an output launch ``scale (q~ S + A v)``;
 * backward: ``chunked_linear``'s state-gradient walk on ``q~`` (it also gives
   ``<S, dS>`` per channel, the gradient of ``e^G``), a gradient launch (``dq~ = scale dO
-  S^T``, ``dk~ = v dS^T``, ``dv = scale A^T dO + k~ dS``, ``dA`` and ``dA^T``), then
-  ``gla_scores.backward_call`` (``dq``, ``dk`` and ``db`` through ``A``).
+  S^T``, ``dk~ = v dS^T``, ``dv = scale A^T dO + k~ dS``, ``dA`` and, for the scores'
+  pair-by-pair mode, ``dA^T``), then ``gla_scores.backward_call``: ``dq``, ``dk`` and the
+  gates' gradient through ``A``, ``q~`` and ``k~``, again by exact range sums.
 
-The factors are sums of gates over exact ranges computed in XLA (float32 products with
-0/1 matrices; segmented scans where documents start), and their gradients come from JAX's
-autodiff.
+XLA computes only the chunks' totals ``G`` (a sum over the chunk), the document masks
+and the scores' mode (``gla_scores.mode``: one launch-wide choice of how ``A`` splits its
+decays, from the gates' magnitudes; compiled, all three are built and ``lax.switch``
+runs one).
 
 Inputs bfloat16 or float16; ``K`` and ``V`` 64 or 128. Runs on an H100/H200 and, slowly,
 on CPU in the Mosaic GPU interpreter of jax 0.10.2.
@@ -145,110 +148,85 @@ def _walk_vec(static, b, heads):
   return jnp.ones((b, heads, static.num_chunks, 4, CHUNK), _F32)
 
 
-def _scaled(x, factor):
-  return (x.astype(_F32) * factor).astype(x.dtype)
-
-
-def _forward(static, mode_, q, k, v, b, doc, into, out_of, tot, h0):
+def _forward(static, mode_, q, k, v, g, vec, tot, h0):
   bsz, _, heads, _ = q.shape
-  qt, kt = _scaled(q, into), _scaled(k, out_of)
-  a = scores.forward_call(static, mode_, q, k, b, doc)
+  a, qt, kt = scores.forward_call(static, mode_, q, k, g, vec)
   states, final = base.states_call(static, kt, v, _walk_vec(static, bsz, heads), tot, h0)
   return _output_call(static, qt, v, states, a), final, a, states, qt, kt
 
 
-def _backward(static, mode_, q, k, v, b, doc, into, out_of, tot, a, states, qt, kt, d_o,
-              dfinal):
+def _backward(static, mode_, q, k, v, g, vec, tot, a, states, qt, kt, d_o, dfinal):
   bsz, _, heads, _ = q.shape
   dstates, dh0, dtot = base.dstates_call(static, qt, d_o, states,
                                          _walk_vec(static, bsz, heads), tot, dfinal)
   dqt, dkt, dv, *da = _grads_call(static, mode_, qt, kt, v, d_o, states, dstates, a)
-  dq, dk, db = scores.backward_call(static, mode_, q, k, b, doc, *da)
-  return (dq + dqt * into, dk + dkt * out_of, dv, db, dqt * q.astype(_F32),
-          dkt * k.astype(_F32), dtot.sum(0), dh0)
+  dq, dk, dg = scores.backward_call(static, mode_, q, k, g, vec, dqt, dkt, *da)
+  return dq, dk, dv, dg, dtot.sum(0), dh0
 
 
 _BTHD, _BH = (0, 2), (0, 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunked(static, mode_, q, k, v, b, doc, into, out_of, tot, h0):
-  o, final, *_ = _fwd_impl(static, mode_, q, k, v, b, doc, into, out_of, tot, h0)
+def _chunked(static, mode_, q, k, v, g, vec, tot, h0):
+  o, final, *_ = _fwd_impl(static, mode_, q, k, v, g, vec, tot, h0)
   return o, final
 
 
 def _fwd_impl(static, mode_, *args):
   return base._shielded(static, functools.partial(_forward, static, mode_), args,
-                        (_BTHD, _BTHD, _BTHD, _BTHD, _BH, _BTHD, _BTHD, _BH, _BH),
+                        (_BTHD,) * 4 + (_BH,) * 3,
                         (_BTHD, _BH, _BH, _BH, _BTHD, _BTHD))
 
 
-def _chunked_fwd(static, mode_, q, k, v, b, doc, into, out_of, tot, h0):
-  o, final, a, states, qt, kt = _fwd_impl(static, mode_, q, k, v, b, doc, into, out_of,
-                                          tot, h0)
-  return (o, final), (q, k, v, b, doc, into, out_of, tot, a, states, qt, kt)
+def _chunked_fwd(static, mode_, q, k, v, g, vec, tot, h0):
+  o, final, a, states, qt, kt = _fwd_impl(static, mode_, q, k, v, g, vec, tot, h0)
+  return (o, final), (q, k, v, g, vec, tot, a, states, qt, kt)
 
 
 def _chunked_bwd(static, mode_, res, cotangents):
-  q, k, v, b, doc, into, out_of, tot, a, states, qt, kt = res
   d_o, dfinal = cotangents
-  dq, dk, dv, db, dinto, dout_of, dtot, dh0 = base._shielded(
+  dq, dk, dv, dg, dtot, dh0 = base._shielded(
       static, functools.partial(_backward, static, mode_),
-      res + (d_o.astype(q.dtype), dfinal.astype(_F32)),
-      (_BTHD,) * 4 + (_BH,) + (_BTHD,) * 2 + (_BH,) * 3 + (_BTHD,) * 3 + (_BH,),
-      (_BTHD,) * 6 + (_BH, _BH))
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv, db, jnp.zeros_like(doc), dinto,
-          dout_of, dtot, dh0)
+      res + (d_o.astype(res[0].dtype), dfinal.astype(_F32)),
+      (_BTHD,) * 4 + (_BH,) * 4 + (_BTHD,) * 3 + (_BH,),
+      (_BTHD,) * 4 + (_BH, _BH))
+  return dq, dk, dv, dg, jnp.zeros_like(res[4]), dtot, dh0
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-# --------------------------------------------------------------------------- factors
+# ------------------------------------------------------------------------ chunk inputs
 
 
-def _range_sums(gc, upper):
-  """Sums of ``gc [B, NC, C, H, K]`` over the chunk axis against the 0/1 matrix ``upper``
-  (``[C, C]``, row ``t`` selecting the range of ``t``): a float32 matrix product, so every
-  sum holds exactly the gates of its range (and so does its gradient)."""
-  return jnp.einsum("ts,bnshk->bnthk", upper.astype(_F32), gc,
-                    precision=lax.Precision.HIGHEST)
-
-
-def channel_factors(g, starts):
-  """From log gates ``g [B, T, H, K]`` (``T`` a multiple of the chunk) and document starts
-  ``[B, T]`` (None: one document per row): the in-chunk sums ``b`` for the scores (plain
-  sums from the chunk's start: a pair of one document decays by the gates between its
-  tokens either way, and pairs across documents are masked), ``e^b`` into the chunk and
-  ``e^a`` out of it ``[B, T, H, K]`` (zero across document starts), the chunks' ``e^G
-  [B, H, T / C, K]`` and the document index ``[B, H, T / C, C]``; every exponent a sum of
-  exactly the gates of its range."""
+def chunk_inputs(g, starts):
+  """The kernels' per-chunk inputs from log gates ``g [B, T, H, K]`` (``T`` a multiple of
+  the chunk) and document starts ``[B, T]`` (None: one document per row): ``vec [B, H,
+  T / C, 4, C]`` (rows: the document index, the masks of ``e^b`` and ``e^a`` -- zero for
+  tokens whose document starts inside the chunk, and before its last start -- and zeros)
+  and the chunks' decays ``e^G [B, H, T / C, K]`` (zero where a document starts inside).
+  ``G`` is a sum of exactly the chunk's gates (so is its gradient); ``b`` and ``a`` are
+  summed in the kernels."""
   batch, length, heads, kd = g.shape
   nc = length // CHUNK
-  gc = g.astype(_F32).reshape(batch, nc, CHUNK, heads, kd)
-  t = jnp.arange(CHUNK)
-  b = _range_sums(gc, t[:, None] >= t[None, :])
+  whole = g.astype(_F32).reshape(batch, nc, CHUNK, heads, kd).sum(axis=2)
   if starts is None:
-    into = jnp.exp(b)
-    out_of = jnp.exp(_range_sums(gc, t[None, :] > t[:, None]))
-    tot = jnp.exp(gc.sum(axis=2))
-    doc = jnp.zeros((batch, heads, nc, CHUNK), _F32)
+    ones = jnp.ones((batch, nc, CHUNK), _F32)
+    rows = [jnp.zeros_like(ones), ones, ones]
+    tot = jnp.exp(whole)
   else:
-    st = jnp.broadcast_to(starts.reshape(batch, nc, CHUNK, 1, 1), gc.shape)
-    st_count = st.astype(jnp.int32)
-    seg = base._segmented_prefix(st, jnp.where(st, 0.0, gc), 2)
-    into = base._exp_where(jnp.cumsum(st_count, axis=2) == 0, seg)
-    out_of = base._exp_where(base._suffix(st_count, 2, exclusive=True) == 0,
-                             base._suffix(gc, 2, exclusive=True))
-    tot = base._exp_where(st_count.sum(axis=2) == 0,
-                          base._suffix(gc, 2, exclusive=False)[:, :, 0])
-    doc = jnp.cumsum(starts.astype(jnp.int32), axis=1).astype(_F32)
-    doc = jnp.broadcast_to(doc.reshape(batch, 1, nc, CHUNK), (batch, heads, nc, CHUNK))
-  flat = lambda x: x.reshape(batch, length, heads, kd)
-  return flat(b), flat(into), flat(out_of), tot.transpose(0, 2, 1, 3), doc
+    st = starts.reshape(batch, nc, CHUNK).astype(jnp.int32)
+    doc = jnp.cumsum(starts.astype(jnp.int32), axis=1).astype(_F32).reshape(batch, nc, CHUNK)
+    rows = [doc, (jnp.cumsum(st, axis=2) == 0).astype(_F32),
+            (base._suffix(st, 2, exclusive=True) == 0).astype(_F32)]
+    tot = base._exp_where((st.sum(axis=2) == 0)[..., None, None], whole)
+  vec = jnp.stack(rows + [jnp.zeros_like(rows[0])], axis=2)         # [B, NC, 4, C]
+  vec = jnp.broadcast_to(vec[:, None], (batch, heads, nc, 4, CHUNK))
+  return lax.stop_gradient(vec), tot.transpose(0, 2, 1, 3)
 
 
-_channel_factors = jax.jit(channel_factors)
+_chunk_inputs = jax.jit(chunk_inputs)
 
 
 def gla(q, k, v, g, *, scale, initial_state=None, output_final_state=False,
@@ -277,18 +255,18 @@ def gla(q, k, v, g, *, scale, initial_state=None, output_final_state=False,
   if segment_ids is not None:
     ids = jnp.pad(jnp.asarray(segment_ids), ((0, 0), (0, pad)), mode="edge")
     starts = jnp.zeros((batch, padded), bool).at[:, 1:].set(ids[:, 1:] != ids[:, :-1])
-  b, into, out_of, tot, doc = _channel_factors(g, starts)
+  vec, tot = _chunk_inputs(g, starts)
   h0 = (jnp.zeros((batch, heads, kd, vd), _F32) if initial_state is None
         else initial_state.astype(_F32))
   static = base._Static(float(scale), padded // CHUNK, kd, vd, bool(interpret))
-  args = (q, k, v, b, lax.stop_gradient(doc), into, out_of, tot, h0)
-  mode_ = scores.mode(lax.stop_gradient(b), q.dtype)
+  args = (q, k, v, g, vec, tot, h0)
+  mode_ = scores.mode(lax.stop_gradient(g), q.dtype)
   try:
     mode_ = int(mode_)        # eager (the interpreter's tests): run that mode only
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
     mode_ = None
   if mode_ is None:           # traced: every mode compiled, one run
-    o, final = lax.switch(scores.mode(lax.stop_gradient(b), q.dtype),
+    o, final = lax.switch(scores.mode(lax.stop_gradient(g), q.dtype),
                           [functools.partial(_chunked, static, m) for m in scores.MODES],
                           *args)
   else:

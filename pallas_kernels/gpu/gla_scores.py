@@ -57,19 +57,22 @@ def _halves(static):
   return range(static.key_dim // LANES)
 
 
-def _copy_inputs(refs, scratch, names, static):
-  """TMA copies of the chunk's document index (row and column copies) and, per 64 key
-  channels, of each named ``[B, T, H, K]`` input."""
+def _copy_vec(refs, scratch):
+  """The chunk's masks and document index (``vec [4, C]``), in row and column copies."""
   c, head, batch = base._chunk_position()
-  rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
-  pairs = [(refs["doc"].at[batch, head, c], scratch["doc"]),
-           (refs["doc"].at[batch, head, c], scratch["doct"])]
-  for h in _halves(static):
-    lanes = pl.ds(h * LANES, LANES)
-    pairs += [(refs[n].at[rows + (lanes,)], scratch[n].at[h]) for n in names]
-  base._copy_in(pairs, scratch["bar"])
+  base._copy_in([(refs["vec"].at[batch, head, c], scratch["vec"]),
+                 (refs["vec"].at[batch, head, c], scratch["vect"])], scratch["bar_vec"])
+  plgpu.barrier_wait(scratch["bar_vec"])
+  return (batch, pl.ds(c * CHUNK, CHUNK), head)
+
+
+def _copy_half(refs, scratch, names, rows, h):
+  """TMA copies of 64 key channels of each named ``[B, T, H, K]`` input."""
+  lanes = pl.ds(h * LANES, LANES)
+  plgpu.commit_smem()   # the previous half's reads are done before the overwrite
+  base._copy_in([(refs[n].at[rows + (lanes,)], scratch[n]) for n in names], scratch["bar"])
   plgpu.barrier_wait(scratch["bar"])
-  return rows
+  return rows + (lanes,)
 
 
 def _gather(static, row_s, j, br):
@@ -86,28 +89,79 @@ def _exp_le0(x):
   return jnp.exp(jnp.minimum(x, 0.0))
 
 
-def _to_rows_buffers(static, scratch, h, names):
-  """The half's tiles as float32 registers, also stored untiled (for row reads) where the
-  launch has a buffer for them."""
+def _high(static, x):
+  """``x`` (float32) cut to a bfloat16 value, as float32 (the interpreter masks bits: XLA
+  may drop a float32 -> bfloat16 -> float32 round trip)."""
+  if static.interpret:
+    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    return lax.bitcast_convert_type(bits, _F32)
+  return x.astype(jnp.bfloat16).astype(_F32)
+
+
+def _zero_one_products(static, terms):
+  """``sum_i M_i @ x_i`` (``M_i^T`` where asked) for 0/1 matrices ``M_i`` given as
+  ``(t, s) -> bool`` and float32 tiles ``x_i [C, LANES]``, exactly: each ``x`` goes in as
+  three bfloat16 parts (24 bits, float32's mantissa), so every entry is a float32 sum of
+  exactly the terms its row of ``M`` selects (the gradient of such a sum is one too)."""
   interp = static.interpret
-  out = {}
+  bf16 = jnp.bfloat16
+
+  def body(m_s, *parts_s):
+    r, col = tiles.iota(_SQUARE, 0, interp), tiles.iota(_SQUARE, 1, interp)
+    acc = tiles.zeros((CHUNK, LANES), interp)
+    for select, x, transpose in terms:
+      plgpu.commit_smem()   # the last products have read the tiles
+      m_s[...] = jnp.where(select(r, col), 1.0, 0.0).astype(bf16)
+      hi = _high(static, x)
+      rest = x - hi
+      mid = _high(static, rest)
+      for part, p_s in zip((hi, mid, rest - mid), parts_s):
+        p_s[...] = part.astype(bf16)
+      plgpu.commit_smem()
+      for p_s in parts_s:
+        acc = tiles.matmul_add(acc, m_s, p_s, interp, transpose_a=transpose)
+    return acc
+
+  tile = tiles.swizzled((CHUNK, LANES), bf16)
+  return pl.run_scoped(body, tiles.swizzled(_SQUARE, bf16), tile, tile, tile)
+
+
+_INCLUSIVE = lambda t, s: t >= s    # b_t: the gates up to t
+_AFTER = lambda t, s: s > t         # a_t: the gates after t
+
+
+def _stage_out(static, x, dst, dtype):
+  """A tile to HBM in ``dtype`` through its own shared-memory scope."""
+  if dtype == _F32:
+    return base._stage_out(static, x, dst)
+
+  def body(buf):
+    buf[...] = x.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(buf, dst)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  pl.run_scoped(body, tiles.swizzled(x.shape, dtype))
+
+
+def _store_rows(scratch, tiles_):
+  """Untiled float32 copies of ``tiles_`` (name -> registers) for row reads, where the
+  launch has a buffer for them."""
   plgpu.commit_smem()   # the previous half's row reads are done before the overwrite
-  for n in names:
-    x = tiles.load(scratch[n].at[h], _TILE, interp).astype(_F32)
+  for n, x in tiles_.items():
     if n + "_rows" in scratch:
       scratch[n + "_rows"][...] = x
-    out[n] = x
   plgpu.commit_smem()
-  return out
 
 
 def _masks(static, scratch):
   interp = static.interpret
   r, col, br, bc = ut._blocks(interp)
-  d_row = tiles.load(scratch["doc"], _ROW, interp)
-  d_col = tiles.load(scratch["doct"], _COL, interp)
+  d_row = tiles.load(scratch["vec"].at[0], _ROW, interp)
+  d_col = tiles.load(scratch["vect"].at[0], _COL, interp)
   same = tiles.rows(d_row, _SQUARE) == tiles.cols(d_col, _SQUARE)
-  return r, col, br, bc, same
+  into = tiles.rows(tiles.load(scratch["vec"].at[1], _ROW, interp), (CHUNK, LANES))
+  out_of = tiles.rows(tiles.load(scratch["vec"].at[2], _ROW, interp), (CHUNK, LANES))
+  return r, col, br, bc, same, into, out_of
 
 
 # ----------------------------------------------------------------------------- modes
@@ -123,18 +177,17 @@ MODES = (WHOLE, BLOCKS, PAIRS)
 RANGE = {jnp.dtype(jnp.bfloat16): 40.0, jnp.dtype(jnp.float16): 4.0}
 
 
-def mode(b, dtype):
-  """The launch's mode (an int32 scalar) from the in-chunk gate sums ``b [B, T, H, K]``
-  (``T`` a multiple of the chunk): WHOLE when every chunk's ``b`` spans at most
-  ``RANGE[dtype]`` on every channel, else BLOCKS when every 16-token block's does, else
-  PAIRS."""
-  bsz, length, heads, kd = b.shape
-  blocks = b.reshape(bsz, length // SUB, SUB, heads, kd)
-  chunks = b.reshape(bsz, length // CHUNK, CHUNK, heads, kd)
-  span = lambda x: (x.max(axis=2) - x.min(axis=2)).max()
+def mode(g, dtype):
+  """The launch's mode (an int32 scalar) from the log gates ``g [B, T, H, K]`` (``T`` a
+  multiple of the chunk): WHOLE when on every channel the gates' magnitudes sum to at most
+  ``RANGE[dtype]`` over every chunk (which bounds how far apart any two of its ``b`` are),
+  else BLOCKS when they do over every 16-token block, else PAIRS."""
+  bsz, length, heads, kd = g.shape
+  blocks = jnp.abs(g.astype(_F32)).reshape(bsz, length // SUB, SUB, heads, kd).sum(axis=2)
+  chunks = blocks.reshape(bsz, length // CHUNK, CHUNK // SUB, heads, kd).sum(axis=2)
   limit = RANGE[jnp.dtype(dtype)]
-  return jnp.where(span(chunks) <= limit, WHOLE,
-                   jnp.where(span(blocks) <= limit, BLOCKS, PAIRS)).astype(jnp.int32)
+  return jnp.where(chunks.max() <= limit, WHOLE,
+                   jnp.where(blocks.max() <= limit, BLOCKS, PAIRS)).astype(jnp.int32)
 
 
 def _ref_rows(static, scratch, br, row):
@@ -174,37 +227,56 @@ def _parts(static, mode_, br):
 # --------------------------------------------------------------------------- forward
 
 
+def _scores(static, mode_, scratch, qf, kf, bf, parts, br, col, acc):
+  """Adds this half's channels to ``acc = (a_off, a_diag)``."""
+  interp = static.interpret
+  a_off, a_diag = acc
+  for row, clip, keep in parts:
+    qfac, kfac = _split_factors(bf, _ref_rows(static, scratch, br, row), clip)
+    _stage_split(static, scratch, qf * qfac, kf * kfac, keep)
+    mm = functools.partial(tiles.matmul_add, interpret=interp, transpose_b=True)
+    x = a_diag if row == "block" else a_off
+    x = mm(mm(mm(x, scratch["qt"], scratch["kt"]), scratch["qt"], scratch["kt_lo"]),
+           scratch["qt_lo"], scratch["kt"])
+    if row == "block":
+      a_diag = x
+    else:
+      a_off = x
+    plgpu.commit_smem()
+
+  if mode_ == PAIRS:
+    def column(j, a):
+      kc = _gather(static, scratch["k_rows"], j, br)
+      bcol = _gather(static, scratch["b_rows"], j, br)
+      val = (qf * kc * _exp_le0(bf - bcol)).sum(axis=1)
+      return a + jnp.where(col == SUB * br + j, tiles.rows(val, _SQUARE), 0.0)
+
+    a_diag = lax.fori_loop(0, SUB, column, a_diag)
+  return a_off, a_diag
+
+
+def _load_half(static, scratch):
+  interp = static.interpret
+  return tuple(tiles.load(scratch[n], _TILE, interp).astype(_F32) for n in ("q", "k", "g"))
+
+
 def _forward_kernel(static, mode_, refs, scratch):
   interp, dtype = static.interpret, scratch["q"].dtype
   c, head, batch = base._chunk_position()
-  _copy_inputs(refs, scratch, ("q", "k", "b"), static)
-  r, col, br, bc, same = _masks(static, scratch)
+  rows = _copy_vec(refs, scratch)
+  r, col, br, bc, same, into, out_of = _masks(static, scratch)
   parts = _parts(static, mode_, br)
-  a_off = a_diag = tiles.zeros(_SQUARE, interp)
+  acc = (tiles.zeros(_SQUARE, interp),) * 2
   for h in _halves(static):
-    x = _to_rows_buffers(static, scratch, h, ("q", "k", "b"))
-    qf, kf, bf = x["q"], x["k"], x["b"]
-    for row, clip, keep in parts:
-      qfac, kfac = _split_factors(bf, _ref_rows(static, scratch, br, row), clip)
-      _stage_split(static, scratch, qf * qfac, kf * kfac, keep)
-      mm = functools.partial(tiles.matmul_add, interpret=interp, transpose_b=True)
-      acc = a_diag if row == "block" else a_off
-      acc = mm(mm(mm(acc, scratch["qt"], scratch["kt"]), scratch["qt"], scratch["kt_lo"]),
-               scratch["qt_lo"], scratch["kt"])
-      if row == "block":
-        a_diag = acc
-      else:
-        a_off = acc
-      plgpu.commit_smem()
-
-    if mode_ == PAIRS:
-      def column(j, a):
-        kc = _gather(static, scratch["k_rows"], j, br)
-        bcol = _gather(static, scratch["b_rows"], j, br)
-        val = (qf * kc * _exp_le0(bf - bcol)).sum(axis=1)
-        return a + jnp.where(col == SUB * br + j, tiles.rows(val, _SQUARE), 0.0)
-
-      a_diag = lax.fori_loop(0, SUB, column, a_diag)
+    lanes = _copy_half(refs, scratch, ("q", "k", "g"), rows, h)
+    qf, kf, gf = _load_half(static, scratch)
+    bf = _zero_one_products(static, [(_INCLUSIVE, gf, False)])
+    af = _zero_one_products(static, [(_AFTER, gf, False)])
+    _stage_out(static, qf * into * jnp.exp(bf), refs["qt"].at[lanes], dtype)
+    _stage_out(static, kf * out_of * jnp.exp(af), refs["kt"].at[lanes], dtype)
+    _store_rows(scratch, dict(k=kf, b=bf))
+    acc = _scores(static, mode_, scratch, qf, kf, bf, parts, br, col, acc)
+  a_off, a_diag = acc
   a = a_off if mode_ == WHOLE else jnp.where(br > bc, a_off,
                                               jnp.where(br == bc, a_diag, 0.0))
   scratch["a"][...] = jnp.where(same & (r >= col), a, 0.0).astype(dtype)
@@ -221,34 +293,34 @@ def _launch(static, kernel, mode_, inputs, out_type, specs):
       out_type, tuple(specs.values()), inputs["q"].shape[0], inputs["q"].shape[2])
 
 
-def _specs(static, dtype, names, rows, extra):
-  """Shared memory: the inputs per 64 key channels, the document index (row and column
-  copies), untiled float32 copies of the ``rows`` inputs, the split operands, ``extra``,
-  and the barrier of the input copies."""
-  nh = static.key_dim // LANES
-  dt = {"q": dtype, "k": dtype, "b": _F32}
-  specs = {n: tiles.swizzled((nh, CHUNK, LANES), dt[n]) for n in names}
-  specs.update(doc=plgpu.SMEM((CHUNK,), _F32), doct=plgpu.SMEM((CHUNK,), _F32))
+def _specs(static, dtype, rows, extra):
+  """Shared memory: 64 key channels of q, k, g; the masks (row and column copies);
+  untiled float32 copies of the ``rows`` tiles; the split operands; ``extra``; barriers."""
+  specs = dict(q=tiles.swizzled((CHUNK, LANES), dtype), k=tiles.swizzled((CHUNK, LANES), dtype),
+               g=tiles.swizzled((CHUNK, LANES), _F32), vec=plgpu.SMEM((4, CHUNK), _F32),
+               vect=plgpu.SMEM((4, CHUNK), _F32))
   specs.update({n + "_rows": plgpu.SMEM((CHUNK, LANES), _F32) for n in rows})
   specs.update({n: tiles.swizzled((CHUNK, LANES), dtype)
                 for n in ("qt", "qt_lo", "kt", "kt_lo")})
   specs.update(extra)
-  specs["bar"] = plgpu.Barrier(num_arrivals=2 + len(names) * nh)
+  specs.update(bar=plgpu.Barrier(num_arrivals=3), bar_vec=plgpu.Barrier(num_arrivals=2),
+               one=plgpu.Barrier())
   return specs
 
 
-def forward_call(static, mode_, q, k, b, doc):
-  """``A [B, H, T / C, C, C]`` in q's dtype (unscaled) from ``q``, ``k [B, T, H, K]``, the
-  in-chunk gate sums ``b [B, T, H, K]`` float32 and the document index ``doc [B, H, T / C,
-  C]`` float32, in ``mode_`` (a Python int; see ``mode``)."""
+def forward_call(static, mode_, q, k, g, vec):
+  """``(A [B, H, T / C, C, C], q~, k~ [B, T, H, K])`` in q's dtype (``A`` unscaled) from
+  ``q``, ``k``, the log gates ``g [B, T, H, K]`` float32 and ``vec [B, H, T / C, 4, C]``
+  float32 (rows: the document index, the masks of ``e^b`` and ``e^a``), in ``mode_`` (a
+  Python int; see ``mode``)."""
   bsz, tp, heads, kd = q.shape
   dtype, nc = q.dtype, static.num_chunks
   rows = ("k", "b") if mode_ == PAIRS else ("b",)
-  (a,) = _launch(static, _forward_kernel, mode_, dict(q=q, k=k, b=b, doc=doc),
-                 dict(a=jax.ShapeDtypeStruct((bsz, heads, nc, CHUNK, CHUNK), dtype)),
-                 _specs(static, dtype, ("q", "k", "b"), rows,
-                        dict(a=tiles.swizzled(_SQUARE, dtype))))
-  return a
+  tile = jax.ShapeDtypeStruct(q.shape, dtype)
+  return _launch(static, _forward_kernel, mode_, dict(q=q, k=k, g=g, vec=vec),
+                 dict(a=jax.ShapeDtypeStruct((bsz, heads, nc, CHUNK, CHUNK), dtype),
+                      qt=tile, kt=tile),
+                 _specs(static, dtype, rows, dict(a=tiles.swizzled(_SQUARE, dtype))))
 
 
 # -------------------------------------------------------------------------- backward
@@ -257,12 +329,11 @@ def forward_call(static, mode_, q, k, b, doc):
 def _backward_kernel(static, mode_, refs, scratch):
   interp, dtype = static.interpret, scratch["q"].dtype
   c, head, batch = base._chunk_position()
-  rows = _copy_inputs(refs, scratch, ("q", "k", "b"), static)
+  rows = _copy_vec(refs, scratch)
+  r, col, br, bc, same, into, out_of = _masks(static, scratch)
 
   # dA (and for PAIRS dA^T) on the strictly lower (upper) same-document pairs, and dA's
   # diagonal.
-  r, col, br, bc, same = _masks(static, scratch)
-
   def load_grads(*bufs):
     names_ = ("da", "dat")[:len(bufs)]
     for name, dst in zip(names_, bufs):
@@ -282,11 +353,14 @@ def _backward_kernel(static, mode_, refs, scratch):
   else:
     da, da_diag = pl.run_scoped(load_grads, sq)
   scratch["da"][...] = da
+  diag = tiles.rows(da_diag, (CHUNK, LANES))
   parts = _parts(static, mode_, br)
 
   for h in _halves(static):
-    x = _to_rows_buffers(static, scratch, h, ("q", "k", "b"))
-    qf, kf, bf = x["q"], x["k"], x["b"]
+    lanes = _copy_half(refs, scratch, ("q", "k", "g"), rows, h)
+    qf, kf, gf = _load_half(static, scratch)
+    bf = _zero_one_products(static, [(_INCLUSIVE, gf, False)])
+    _store_rows(scratch, dict(q=qf, k=kf, b=bf))
     dq = dk = tiles.zeros((CHUNK, LANES), interp)
     for row, clip, keep in parts:
       qfac, kfac = _split_factors(bf, _ref_rows(static, scratch, br, row), clip)
@@ -300,11 +374,11 @@ def _backward_kernel(static, mode_, refs, scratch):
       scratch["da_in"][...] = dam.astype(dtype)
       plgpu.commit_smem()
       mm = functools.partial(tiles.matmul_add, interpret=interp)
-      sq = tiles.zeros((CHUNK, LANES), interp)
-      dq = dq + qfac * mm(mm(sq, scratch["da_in"], scratch["kt"]), scratch["da_in"],
+      zero = tiles.zeros((CHUNK, LANES), interp)
+      dq = dq + qfac * mm(mm(zero, scratch["da_in"], scratch["kt"]), scratch["da_in"],
                           scratch["kt_lo"])
       mm = functools.partial(mm, transpose_a=True)
-      dk = dk + kfac * mm(mm(sq, scratch["da_in"], scratch["qt"]), scratch["da_in"],
+      dk = dk + kfac * mm(mm(zero, scratch["da_in"], scratch["qt"]), scratch["da_in"],
                           scratch["qt_lo"])
       plgpu.commit_smem()   # every product has read qt / kt before the next overwrite
 
@@ -325,28 +399,34 @@ def _backward_kernel(static, mode_, refs, scratch):
 
       dq = lax.fori_loop(0, SUB, dq_column, dq)
       dk = lax.fori_loop(0, SUB, dk_column, dk)
-    lanes = rows + (pl.ds(h * LANES, LANES),)
-    diag = tiles.rows(da_diag, _SQUARE)
-    base._stage_out(static, qf * dq - kf * dk, refs["db"].at[lanes])
-    base._stage_out(static, dq + diag * kf, refs["dq"].at[lanes])
-    base._stage_out(static, dk + diag * qf, refs["dk"].at[lanes])
+
+    # Through q~ = q e^b and k~ = k e^a (masked), then to the gates by exact range sums.
+    qin = into * jnp.exp(bf)
+    dqt = base._load_f32(static, refs["dqt"].at[lanes], (CHUNK, LANES), scratch["one"])
+    db = qf * dq - kf * dk + dqt * qf * qin
+    _stage_out(static, dq + diag * kf + dqt * qin, refs["dq"].at[lanes], dtype)
+    kout = out_of * jnp.exp(_zero_one_products(static, [(_AFTER, gf, False)]))
+    dkt = base._load_f32(static, refs["dkt"].at[lanes], (CHUNK, LANES), scratch["one"])
+    _stage_out(static, dk + diag * qf + dkt * kout, refs["dk"].at[lanes], dtype)
+    dg = _zero_one_products(static, [(_INCLUSIVE, db, True),
+                                     (_AFTER, dkt * kf * kout, True)])
+    _stage_out(static, dg, refs["dg"].at[lanes], _F32)
   plgpu.wait_smem_to_gmem(0)
 
 
-def backward_call(static, mode_, q, k, b, doc, da, dat=None):
-  """``dq``, ``dk``, ``db [B, T, H, K]`` float32 from ``dA [B, H, T / C, C, C]`` (input
-  dtype; and, in the PAIRS mode, ``dA^T``) and the forward's inputs."""
-  bsz, tp, heads, kd = q.shape
+def backward_call(static, mode_, q, k, g, vec, dqt, dkt, da, dat=None):
+  """``dq``, ``dk`` (q's dtype) and ``dg [B, T, H, K]`` float32 (everything but the chunk
+  totals' part) from ``dA [B, H, T / C, C, C]`` (input dtype; and, in the PAIRS mode,
+  ``dA^T``), the gradients of ``q~`` and ``k~`` (float32) and the forward's inputs."""
   dtype = q.dtype
-  grad = jax.ShapeDtypeStruct((bsz, tp, heads, kd), _F32)
-  inputs = dict(q=q, k=k, b=b, doc=doc, da=da)
+  inputs = dict(q=q, k=k, g=g, vec=vec, dqt=dqt, dkt=dkt, da=da)
   extra = dict(da_in=tiles.swizzled(_SQUARE, dtype), da=tiles.swizzled(_SQUARE, _F32))
   rows = ("b",)
   if mode_ == PAIRS:
     inputs["dat"] = dat
     extra["dat"] = tiles.swizzled(_SQUARE, _F32)
     rows = ("q", "k", "b")
-  specs = _specs(static, dtype, ("q", "k", "b"), rows, extra)
-  specs["one"] = plgpu.Barrier()
-  return _launch(static, _backward_kernel, mode_, inputs, dict(dq=grad, dk=grad, db=grad),
-                 specs)
+  grad = jax.ShapeDtypeStruct(q.shape, dtype)
+  return _launch(static, _backward_kernel, mode_, inputs,
+                 dict(dq=grad, dk=grad, dg=jax.ShapeDtypeStruct(q.shape, _F32)),
+                 _specs(static, dtype, rows, extra))
