@@ -289,14 +289,9 @@ def gated_delta_rule(q, k, v, g, beta, *, scale, initial_state=None,
     raise ValueError(f"beta must be [B, T, H] = {q.shape[:3]}, got {beta.shape=}")
   batch, length, heads, kd = q.shape
   vd = v.shape[-1]
-  padded = -(-length // CHUNK) * CHUNK
+  (q, k, v, g, beta), padded, starts = base._pad_and_starts(
+      (q, k, v, g.astype(_F32), beta.astype(_F32)), segment_ids)
   pad = padded - length
-  q, k, v, g, beta = (base._pad_time(x, padded)
-                      for x in (q, k, v, g.astype(_F32), beta.astype(_F32)))
-  starts = None
-  if segment_ids is not None:
-    ids = jnp.pad(jnp.asarray(segment_ids), ((0, 0), (0, pad)), mode="edge")
-    starts = jnp.zeros((batch, padded), bool).at[:, 1:].set(ids[:, 1:] != ids[:, :-1])
   vec, tot = base._gate_factors(g, starts)
   nc = padded // CHUNK
   beta = beta.reshape(batch, nc, CHUNK, heads).transpose(0, 3, 1, 2)   # [B, H, NC, C]

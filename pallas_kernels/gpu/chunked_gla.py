@@ -248,13 +248,9 @@ def gla(q, k, v, g, *, scale, initial_state=None, output_final_state=False,
   base._check(q, k, v, g[..., 0], scale, initial_state, segment_ids, chunk_size)
   batch, length, heads, kd = q.shape
   vd = v.shape[-1]
-  padded = -(-length // CHUNK) * CHUNK
+  (q, k, v, g), padded, starts = base._pad_and_starts((q, k, v, g.astype(_F32)),
+                                                      segment_ids)
   pad = padded - length
-  q, k, v, g = (base._pad_time(x, padded) for x in (q, k, v, g.astype(_F32)))
-  starts = None
-  if segment_ids is not None:
-    ids = jnp.pad(jnp.asarray(segment_ids), ((0, 0), (0, pad)), mode="edge")
-    starts = jnp.zeros((batch, padded), bool).at[:, 1:].set(ids[:, 1:] != ids[:, :-1])
   vec, tot = _chunk_inputs(g, starts)
   h0 = (jnp.zeros((batch, heads, kd, vd), _F32) if initial_state is None
         else initial_state.astype(_F32))

@@ -553,6 +553,19 @@ def _pad_time(x, padded):
   return jnp.pad(x, ((0, 0), (0, padded - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
 
 
+def _pad_and_starts(arrays, segment_ids):
+  """``arrays`` (``[B, T, ...]``) zero-padded to whole chunks, and the document starts
+  ``[B, T_padded]`` (None without ``segment_ids``; the ids' last value continues over the
+  padding). Returns ``(padded arrays, padded length, starts)``."""
+  batch, length = arrays[0].shape[:2]
+  padded = -(-length // CHUNK) * CHUNK
+  starts = None
+  if segment_ids is not None:
+    ids = jnp.pad(jnp.asarray(segment_ids), ((0, 0), (0, padded - length)), mode="edge")
+    starts = jnp.zeros((batch, padded), bool).at[:, 1:].set(ids[:, 1:] != ids[:, :-1])
+  return tuple(_pad_time(x, padded) for x in arrays), padded, starts
+
+
 # Jitted on its own so that an eager call (the interpreter's tests run op by op) does not
 # dispatch its dozens of small ops one at a time; inside an outer jit it is inlined.
 _gate_factors = jax.jit(gate_factors)
@@ -600,13 +613,8 @@ def simple_gla(q, k, v, g, *, scale, initial_state=None, output_final_state=Fals
   _check(q, k, v, g, scale, initial_state, segment_ids, chunk_size)
   batch, length, heads, kd = q.shape
   vd = v.shape[-1]
-  padded = -(-length // CHUNK) * CHUNK
+  (q, k, v, g), padded, starts = _pad_and_starts((q, k, v, g.astype(_F32)), segment_ids)
   pad = padded - length
-  q, k, v, g = (_pad_time(x, padded) for x in (q, k, v, g.astype(_F32)))
-  starts = None
-  if segment_ids is not None:
-    ids = jnp.pad(jnp.asarray(segment_ids), ((0, 0), (0, pad)), mode="edge")
-    starts = jnp.zeros((batch, padded), bool).at[:, 1:].set(ids[:, 1:] != ids[:, :-1])
   vec, tot = _gate_factors(g, starts)
   h0 = (jnp.zeros((batch, heads, kd, vd), _F32) if initial_state is None
         else initial_state.astype(_F32))

@@ -326,6 +326,21 @@ def forward_call(static, mode_, q, k, g, vec):
 # -------------------------------------------------------------------------- backward
 
 
+def _column_grad(static, scratch, bf, br, col, grad, other, keys_on_rows):
+  """Step ``j`` of the diagonal blocks' gradient, pair by pair: with ``grad`` dA (queries
+  on rows) it adds ``dA[t, s] k_s e^{b_t - b_s}`` to dq's row ``t``; with dA^T (keys on
+  rows) ``dA[t, s] q_t e^{b_t - b_s}`` to dk's row ``s``; the other token is ``16 *
+  block + j``."""
+  def step(j, acc):
+    w = jnp.where(col == SUB * br + j, tiles.load(scratch[grad], _TILE, static.interpret),
+                  0.0).sum(axis=1)
+    x = _gather(static, scratch[other], j, br)
+    bcol = _gather(static, scratch["b_rows"], j, br)
+    return acc + tiles.rows(w, _SQUARE) * x * _exp_le0(bcol - bf if keys_on_rows
+                                                      else bf - bcol)
+  return step
+
+
 def _backward_kernel(static, mode_, refs, scratch):
   interp, dtype = static.interpret, scratch["q"].dtype
   c, head, batch = base._chunk_position()
@@ -383,22 +398,10 @@ def _backward_kernel(static, mode_, refs, scratch):
       plgpu.commit_smem()   # every product has read qt / kt before the next overwrite
 
     if mode_ == PAIRS:
-      def dq_column(j, dq):
-        w = jnp.where(col == SUB * br + j, tiles.load(scratch["da"], _TILE, interp),
-                      0.0).sum(axis=1)
-        kc = _gather(static, scratch["k_rows"], j, br)
-        bcol = _gather(static, scratch["b_rows"], j, br)
-        return dq + tiles.rows(w, _SQUARE) * kc * _exp_le0(bf - bcol)
-
-      def dk_column(j, dk):
-        w = jnp.where(col == SUB * br + j, tiles.load(scratch["dat"], _TILE, interp),
-                      0.0).sum(axis=1)
-        qc = _gather(static, scratch["q_rows"], j, br)
-        bcol = _gather(static, scratch["b_rows"], j, br)
-        return dk + tiles.rows(w, _SQUARE) * qc * _exp_le0(bcol - bf)
-
-      dq = lax.fori_loop(0, SUB, dq_column, dq)
-      dk = lax.fori_loop(0, SUB, dk_column, dk)
+      dq = lax.fori_loop(0, SUB, _column_grad(static, scratch, bf, br, col, "da", "k_rows",
+                                              keys_on_rows=False), dq)
+      dk = lax.fori_loop(0, SUB, _column_grad(static, scratch, bf, br, col, "dat", "q_rows",
+                                              keys_on_rows=True), dk)
 
     # Through q~ = q e^b and k~ = k e^a (masked), then to the gates by exact range sums.
     qin = into * jnp.exp(bf)
