@@ -1,32 +1,40 @@
-"""GLA's within-chunk scores for Hopper GPUs in Mosaic GPU: forward and backward, one CTA
-per (chunk, head, batch row).
+"""GLA's chunk-local work for Hopper GPUs in Mosaic GPU: the gate factors and the
+within-chunk scores, forward and backward, one CTA per (chunk, head, batch row).
 
-GLA (Yang et al. 2023) decays every key channel on its own, so inside a chunk of
-``C = 64`` tokens, with ``b [C, K]`` the log gates summed from the chunk's start, the
-scores are::
+GLA (Yang et al. 2023) decays every key channel on its own. Inside a chunk of ``C = 64``
+tokens, with ``b [C, K]`` the log gates summed from the chunk's start and ``a`` those
+after each token (both exact range sums: the gates, split into three bfloat16 parts that
+hold float32's mantissa, times 0/1 matrices on the tensor cores), the kernels write
+``q~ = q e^b`` and ``k~ = k e^a`` (masked at document starts) and the scores::
 
     A_ts = sum_d q_td k_sd e^{b_td - b_sd}       (s <= t, same document; else 0)
 
 a ``[C, C, K]`` computation that is a matrix product only once the decay is split into a
 query factor and a key factor around a reference token ``r``: ``e^{b_t - b_r} e^{b_r -
-b_s}``. Both factors are at most 1 when ``s <= r <= t`` (gates are <= 0), and otherwise
-one of them may overflow, so:
+b_s}``. Both factors are at most 1 when ``s <= r <= t`` (gates are <= 0); otherwise one
+of them grows with the gates between ``r`` and the token. So each launch runs one of
+three modes, chosen from the gates' magnitudes (``mode``):
 
-* pairs in different 16-token blocks: for each key block ``j`` the reference is its last
-  token; ``(q * e^{min(b - b_r, 0)}) (k_j * e^{min(b_r - b_j, 0)})^T`` on the tensor cores
-  gives the pairs with ``t`` in a later block exactly (the ``min`` only clips pairs that
-  are masked out: earlier rows and other documents);
-* pairs in the same 16-token block: column by column, the four blocks at once: step ``j``
-  takes key ``s = 16 * block(t) + j`` for every row ``t`` and sums ``q_t * k_s *
-  e^{b_t - b_s}`` over the channels (one exponential per pair and channel, so gates of
-  -20 per token lose nothing).
+* WHOLE (every chunk's gates sum to at most ``RANGE`` in magnitude): one reference per
+  chunk, one product;
+* BLOCKS (every 16-token block's do): pairs in different 16-token blocks take, for each
+  key block ``j``, its last token as the reference (``(q * e^{min(b - b_r, 0)}) (k_j *
+  e^{min(b_r - b_j, 0)})^T`` gives the pairs with ``t`` in a later block exactly; the
+  ``min`` only clips pairs that are masked out), and pairs inside a block the block's
+  first token;
+* PAIRS (any gates): the pairs across blocks as in BLOCKS, those inside a block column by
+  column, the four blocks at once: step ``j`` takes key ``s = 16 * block(t) + j`` for
+  every row ``t`` and sums ``q_t * k_s * e^{b_t - b_s}`` over the channels (one
+  exponential per pair and channel, so gates of -20 per token lose nothing).
 
-The key channels are taken 64 at a time. Backward, from ``dA`` and ``dA^T`` (the GLA
-gradient launch computes both): the same two parts give ``dq`` and ``dk``, and the
-gradient of ``b`` is ``q * dq' - k * dk'`` with ``dq'``, ``dk'`` leaving out the diagonal
-pairs (whose exponent is 0), so no term cancels another of its own pair.
+Split operands enter the products as high and low 16-bit parts. The key channels are
+taken 64 at a time. Backward, from ``dA`` (and, in PAIRS, ``dA^T``, which the GLA
+gradient launch computes too) and the gradients of ``q~`` and ``k~``: the same parts give
+``dq`` and ``dk``; the gradient of ``b`` is ``q * dq' - k * dk'`` with ``dq'``, ``dk'``
+leaving out the diagonal pairs (whose exponent is 0), plus ``q~``'s part; the gates'
+gradient is the transposed 0/1 products of the gradients of ``b`` and ``a``.
 
-Inputs bfloat16 or float16 (q, k) and float32 (b, the document index); ``K`` 64 or 128.
+Inputs bfloat16 or float16 (q, k) and float32 (the gates, the masks); ``K`` 64 or 128.
 Runs on an H100/H200 and, slowly, on CPU in the Mosaic GPU interpreter of jax 0.10.2.
 """
 
