@@ -164,14 +164,15 @@ def _copy_in(pairs, barrier):
     plgpu.copy_gmem_to_smem(src, dst, barrier)
 
 
-def _stage_out(static, x, dst):
-  """A float32 tile to HBM through its own shared-memory scope (freed on return)."""
+def _stage_out(static, x, dst, dtype=_F32):
+  """A float32 tile to HBM in ``dtype`` through its own shared-memory scope (freed on
+  return)."""
   def body(buf):
-    buf[...] = x
+    buf[...] = x if dtype == _F32 else x.astype(dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(buf, dst)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-  pl.run_scoped(body, tiles.swizzled(x.shape, _F32))
+  pl.run_scoped(body, tiles.swizzled(x.shape, dtype))
 
 
 def _load_f32(static, src, shape, barrier):

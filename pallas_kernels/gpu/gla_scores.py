@@ -98,12 +98,9 @@ def _exp_le0(x):
 
 
 def _high(static, x):
-  """``x`` (float32) cut to a bfloat16 value, as float32 (the interpreter masks bits: XLA
-  may drop a float32 -> bfloat16 -> float32 round trip)."""
-  if static.interpret:
-    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000)
-    return lax.bitcast_convert_type(bits, _F32)
-  return x.astype(jnp.bfloat16).astype(_F32)
+  """``x`` (float32) cut to a bfloat16 value, as float32 (``chunked_ut._split``'s high
+  part)."""
+  return ut._split(static, x, jnp.bfloat16)[0].astype(_F32)
 
 
 def _zero_one_products(static, terms):
@@ -136,19 +133,6 @@ def _zero_one_products(static, terms):
 
 _INCLUSIVE = lambda t, s: t >= s    # b_t: the gates up to t
 _AFTER = lambda t, s: s > t         # a_t: the gates after t
-
-
-def _stage_out(static, x, dst, dtype):
-  """A tile to HBM in ``dtype`` through its own shared-memory scope."""
-  if dtype == _F32:
-    return base._stage_out(static, x, dst)
-
-  def body(buf):
-    buf[...] = x.astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(buf, dst)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-  pl.run_scoped(body, tiles.swizzled(x.shape, dtype))
 
 
 def _store_rows(scratch, tiles_):
@@ -280,8 +264,8 @@ def _forward_kernel(static, mode_, refs, scratch):
     qf, kf, gf = _load_half(static, scratch)
     bf = _zero_one_products(static, [(_INCLUSIVE, gf, False)])
     af = _zero_one_products(static, [(_AFTER, gf, False)])
-    _stage_out(static, qf * into * jnp.exp(bf), refs["qt"].at[lanes], dtype)
-    _stage_out(static, kf * out_of * jnp.exp(af), refs["kt"].at[lanes], dtype)
+    base._stage_out(static, qf * into * jnp.exp(bf), refs["qt"].at[lanes], dtype)
+    base._stage_out(static, kf * out_of * jnp.exp(af), refs["kt"].at[lanes], dtype)
     _store_rows(scratch, dict(k=kf, b=bf))
     acc = _scores(static, mode_, scratch, qf, kf, bf, parts, br, col, acc)
   a_off, a_diag = acc
@@ -415,13 +399,13 @@ def _backward_kernel(static, mode_, refs, scratch):
     qin = into * jnp.exp(bf)
     dqt = base._load_f32(static, refs["dqt"].at[lanes], (CHUNK, LANES), scratch["one"])
     db = qf * dq - kf * dk + dqt * qf * qin
-    _stage_out(static, dq + diag * kf + dqt * qin, refs["dq"].at[lanes], dtype)
+    base._stage_out(static, dq + diag * kf + dqt * qin, refs["dq"].at[lanes], dtype)
     kout = out_of * jnp.exp(_zero_one_products(static, [(_AFTER, gf, False)]))
     dkt = base._load_f32(static, refs["dkt"].at[lanes], (CHUNK, LANES), scratch["one"])
-    _stage_out(static, dk + diag * qf + dkt * kout, refs["dk"].at[lanes], dtype)
+    base._stage_out(static, dk + diag * qf + dkt * kout, refs["dk"].at[lanes], dtype)
     dg = _zero_one_products(static, [(_INCLUSIVE, db, True),
                                      (_AFTER, dkt * kf * kout, True)])
-    _stage_out(static, dg, refs["dg"].at[lanes], _F32)
+    base._stage_out(static, dg, refs["dg"].at[lanes], _F32)
   plgpu.wait_smem_to_gmem(0)
 
 
