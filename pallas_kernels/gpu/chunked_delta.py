@@ -22,15 +22,19 @@ start and ``D_ts = e^{b_t - b_s}`` (``s <= t``, same document), each token write
 which is simple GLA's chunk (``chunked_linear.py``) with the values ``v`` replaced by the
 corrections ``d``. So:
 
-* UT transform, grid ``(T / C, H, B)`` (``chunked_ut.py``): ``U`` (float32), ``N`` (input
-  dtype) and ``X = (I + L)^{-T}`` (float32, saved for the backward) for every chunk at
-  once. The gate factors ``e^b``, ``e^a``, ``e^G`` are shared with ``chunked_linear.py``
-  (XLA, gradients by autodiff).
-* states, grid ``(V / 64, H, B)``: walks the chunks with ``S[:, 64 values]`` in float32
-  registers; per chunk ``d = U + N S`` (one product) and the state update (another),
-  saving the state entering every chunk and ``d`` (input dtype).
-* output: ``chunked_linear.output_call`` with ``v = d``.
-* state gradients, grid ``(V / 64, H, B)``: walks back with ``dS`` (the gradient of the
+* UT transform, grid ``(T / C / cpc, H, B)`` (``chunked_ut.py``, ``cpc`` chunks per CTA
+  with the next one's keys prefetched): ``P^T = (T diag(beta))^T`` and ``N`` (input dtype)
+  and ``X = (I + L)^{-T}`` (float32, saved for the backward) for every chunk at once, so
+  ``U = P v``. The gate factors ``e^b``, ``e^a``, ``e^G`` are shared with
+  ``chunked_linear.py`` (XLA, gradients by autodiff).
+* forward walk: a producer warpgroup copies each chunk's q, k, N, v, ``P^T`` into a ring
+  of two slots; each consumer warpgroup carries ``S[:, 64 values]`` in float32 registers
+  and per chunk forms ``d = P v + N S`` (``P v`` shares the accumulator: one dependent
+  product), the output ``o = scale (diag(e^b) q S + ((q k^T) * D) d)`` and the state
+  update, saving the state entering every chunk and ``d`` (input dtype). Grid ``(H, B)``
+  with one consumer per value block when ``B H`` fills the GPU (q, k, N, P read once per
+  head), else ``(V / 64, H, B)`` with one consumer.
+* state gradients, grid ``(V / 64, H, B)``, a producer warpgroup as above: walks back with ``dS`` (the gradient of the
   state leaving the chunk) in registers: ``dd = scale ((k q^T) * D^T) dO + diag(e^a) k dS``,
   then ``dS <- e^{G} dS + scale q^T diag(e^b) dO + N^T dd``; saves ``dS`` and ``<S, dS>``.
 * gradients: ``chunked_linear.grads_call`` with ``v = d`` gives dq, dk, the gate factors'
@@ -64,12 +68,6 @@ _F32 = jnp.float32
 _TILE = base._TILE
 
 
-def _walk_launch(static, kernel, inputs, out_type, scratch, batch, heads):
-  """A walk along the chunks: one CTA per (64 value columns, head, batch row)."""
-  return base._launch(static, kernel, inputs, out_type, scratch,
-                      (static.value_dim // BLOCK_V, heads, batch), ("vb", "head", "batch"))
-
-
 def _walk_position():
   vb = lax.axis_index("vb")
   return base._vblock(vb), vb, lax.axis_index("head"), lax.axis_index("batch")
@@ -78,62 +76,134 @@ def _walk_position():
 # --------------------------------------------------------------------------- forward
 
 
-def _states_kernel(static, refs, scratch):
-  """The state entering every chunk and the corrections ``d = U + N S`` (input dtype),
-  and the final state."""
-  k_s, n_s, u_s, vec_s, tot_s, h_s, kout_s, d_s, bar, one = scratch
-  interp = static.interpret
-  cols, _, head, batch = _walk_position()
-  dtype = k_s.dtype
+# Forward walks over whole heads (both 64-column value blocks in one CTA, one consumer
+# warpgroup each, so q, k and P are read once per head) when there are at least this many
+# (batch row, head) pairs; else one CTA per value block (twice the CTAs for small
+# batches). ``True`` / ``False`` force one layout.
+WIDE_WALK_MIN_HEADS = 128
+WIDE_WALK = None
 
-  def issue(c, slot):
+
+def _wide(static, batch, heads):
+  if WIDE_WALK is not None:
+    return bool(WIDE_WALK) and static.value_dim > BLOCK_V
+  return static.value_dim > BLOCK_V and batch * heads >= WIDE_WALK_MIN_HEADS
+
+
+def _forward_walk_kernel(static, wide, refs, scratch):
+  """The output, the state entering every chunk, the corrections ``d`` (input dtype) and
+  the final state, walking the chunks in order. A producer warpgroup copies each chunk's
+  tiles into a ring of two slots (copies issued by a computing warpgroup cost it about
+  0.1 us each); one consumer warpgroup per 64-column value block carries its block of
+  ``S`` in float32 registers and per chunk forms
+
+      d = P v + N S     o = scale (diag(e^b) q S + ((q k^T) * D) d)
+      S <- e^G S + (diag(e^a) k)^T d
+
+  (``P v`` does not depend on ``S``: it shares the first product's accumulator, so two
+  dependent products per chunk.)
+  """
+  (q_s, k_s, n_s, v_s, pt_s, vec_s, vect_s, tot_s, h_s, d_s, dout_s, full,
+   free) = scratch
+  interp, scale = static.interpret, static.scale
+  nv = static.value_dim // BLOCK_V if wide else 1
+  head, batch = lax.axis_index("head"), lax.axis_index("batch")
+  wg = lax.axis_index("wg")
+  dtype, nc = q_s.dtype, static.num_chunks
+
+  def vcols(j):
+    return base._vblock(j if wide else lax.axis_index("vb"))
+
+  def load(c):
+    slot = lax.rem(c, 2)
     rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
-    base._copy_in([(refs["k"].at[rows], k_s.at[slot]), (refs["n"].at[rows], n_s.at[slot]),
-                   (refs["u"].at[rows + (cols,)], u_s.at[slot]),
+    base._copy_in([(refs["q"].at[rows], q_s.at[slot]), (refs["k"].at[rows], k_s.at[slot]),
+                   (refs["n"].at[rows], n_s.at[slot]),
+                   (refs["pt"].at[batch, head, c], pt_s.at[slot]),
                    (refs["vec"].at[batch, head, c], vec_s.at[slot]),
-                   (refs["tot"].at[batch, head, c], tot_s.at[slot])], bar.at[slot])
+                   (refs["vec"].at[batch, head, c], vect_s.at[slot]),
+                   (refs["tot"].at[batch, head, c], tot_s.at[slot])]
+                  + [(refs["v"].at[rows + (vcols(j),)], v_s.at[slot * nv + j])
+                     for j in range(nv)], full.at[slot])
 
-  def step(c, slot, h):
-    rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # h_s, d_s read by the last copies out
-    h_s[...] = h.astype(dtype)
-    x = base._vectors(static, vec_s.at[slot], tot=tot_s.at[slot])
-    kk = tiles.load(k_s.at[slot], _TILE, interp).astype(_F32)
-    kout_s[...] = (kk * tiles.rows(x["out_of"], kk.shape)).astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(h_s, refs["states"].at[batch, head, c, :, cols])
-    d = tiles.load(u_s.at[slot], _TILE, interp)
-    d = tiles.matmul_add(d, n_s.at[slot], h_s, interp)
-    d_s[...] = d.astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(d_s, refs["d"].at[rows + (cols,)])
-    h = h * tiles.rows(x["tot"], h.shape)
-    return tiles.matmul_add(h, kout_s, d_s, interp, transpose_a=True)
+  def consume(j):
+    cols = vcols(j)
+    # (``wg`` is ``j`` here: a constant index on these tiles fails to lower in a product)
+    hj_s, dj_s, doutj_s = (x.at[wg] for x in (h_s, d_s, dout_s))
 
-  kd = static.key_dim
-  h0 = base._load_f32(static, refs["h0"].at[batch, head, :, cols], (kd, BLOCK_V), one)
-  h = base._walk(static, issue, lambda i: i, step, h0, bar)
-  plgpu.wait_smem_to_gmem(0)
-  base._stage_out(static, h, refs["final"].at[batch, head, :, cols])
-  plgpu.wait_smem_to_gmem(0)
+    def step(c, h):
+      slot = lax.rem(c, 2)
+      rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
+      plgpu.wait_smem_to_gmem(2, wait_read_only=True)   # the states copy of the last step
+      hj_s[...] = h.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(hj_s, refs["states"].at[batch, head, c, :, cols])
+      plgpu.barrier_wait(full.at[slot])
+      x = base._vectors(static, vec_s.at[slot], vect_s.at[slot], tot=tot_s.at[slot])
+      d, qs, scores = tiles.products([
+          ((CHUNK, BLOCK_V), [(pt_s.at[slot], v_s.at[slot * nv + wg], True, False),
+                              (n_s.at[slot], hj_s, False, False)]),
+          ((CHUNK, BLOCK_V), [(q_s.at[slot], hj_s, False, False)]),
+          ((CHUNK, CHUNK), [(q_s.at[slot], k_s.at[slot], False, True)])], interp)
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the last step's d and o copies
+      dj_s[...] = d.astype(dtype)
+      doutj_s[...] = (d * tiles.rows(x["out_of"], d.shape)).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(dj_s, refs["d"].at[rows + (cols,)])
+      decay, _ = base._pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"],
+                                  False)
+      a = (scores * decay * scale).astype(dtype)
+      o = qs * tiles.rows(x["into"] * scale, qs.shape)
+      h = h * tiles.rows(x["tot"], h.shape)
+      o, h = tiles.products([(o, [(a, dj_s, False, False)]),
+                             (h, [(k_s.at[slot], doutj_s, True, False)])], interp)
+      plgpu.barrier_arrive(free.at[slot])
+      doutj_s[...] = o.astype(dtype)                    # the output goes out through it
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(doutj_s, refs["o"].at[rows + (cols,)])
+      return h
+
+    if wide and not interp:
+      plgpu.set_max_registers(232, action="increase")
+    h0 = tiles.load(refs["h0"].at[batch, head, :, cols], _TILE, interp, optimized=False)
+    h = lax.fori_loop(0, nc, step, h0)
+    plgpu.wait_smem_to_gmem(0)
+    refs["final"].at[batch, head, :, cols][...] = h
+
+  for j in range(nv):
+    pl.when(wg == j)(functools.partial(consume, j))
+
+  @pl.when(wg == nv)
+  def _produce():
+    if not interp:
+      plgpu.set_max_registers(40, action="decrease")
+    tiles.produce_ring(load, nc, 2, (free,))
 
 
-def _forward(static, q, k, n, u, vec, tot, h0):
+def _forward(static, q, k, n, v, pt, vec, tot, h0):
+  """The forward walk (after the UT transform's launch)."""
   b, tp, heads, kd = q.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
+  wide = _wide(static, b, heads)
+  nv = vd // BLOCK_V if wide else 1
   two = lambda shape, dt=dtype: tiles.swizzled((2,) + shape, dt)
-  states, d, final = _walk_launch(
-      static, _states_kernel, dict(k=k, n=n, u=u, vec=vec, tot=tot, h0=h0),
-      dict(states=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
+  per = lambda shape: tiles.swizzled((nv,) + shape, dtype)
+  grid, names = ((heads, b), ("head", "batch")) if wide else (
+      (vd // BLOCK_V, heads, b), ("vb", "head", "batch"))
+  return base._launch(
+      static, lambda st, refs, scratch: _forward_walk_kernel(st, wide, refs, scratch),
+      dict(q=q, k=k, n=n, v=v, pt=pt, vec=vec, tot=tot, h0=h0),
+      dict(o=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
+           states=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
            d=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
            final=jax.ShapeDtypeStruct((b, heads, kd, vd), _F32)),
-      (two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, BLOCK_V), _F32),
-       plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, kd), _F32),
-       tiles.swizzled((kd, BLOCK_V), dtype), tiles.swizzled((CHUNK, kd), dtype),
-       tiles.swizzled((CHUNK, BLOCK_V), dtype),
-       plgpu.Barrier(num_arrivals=5, num_barriers=2), plgpu.Barrier()), b, heads)
-  o = base.output_call(static, q, k, d, states, vec)
-  return o, states, d, final
+      (two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, kd)),
+       tiles.swizzled((2 * nv, CHUNK, BLOCK_V), dtype), two((CHUNK, CHUNK)),
+       plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, 4, CHUNK), _F32),
+       plgpu.SMEM((2, kd), _F32), per((kd, BLOCK_V)), per((CHUNK, BLOCK_V)),
+       per((CHUNK, BLOCK_V)), plgpu.Barrier(num_arrivals=7 + nv, num_barriers=2),
+       plgpu.Barrier(num_arrivals=nv, num_barriers=2)),
+      grid, names, threads=nv + 1)
 
 
 # -------------------------------------------------------------------------- backward
@@ -141,14 +211,17 @@ def _forward(static, q, k, n, u, vec, tot, h0):
 
 def _dstates_kernel(static, refs, scratch):
   """The gradient of the state leaving every chunk and ``<S, dS>``, walking the chunks in
-  reverse, and the initial state's gradient."""
-  (q_s, k_s, n_s, do_s, h_s, vec_s, vect_s, tot_s, dh_s, doin_s, at_s, dd_s, dtot_s, bar,
-   one) = scratch
+  reverse, and the initial state's gradient; a producer warpgroup issues the copies into
+  a ring of two slots, as in the forward walk."""
+  (q_s, k_s, n_s, do_s, h_s, vec_s, vect_s, tot_s, dh_s, doin_s, dd_s, dtot_s, full,
+   free) = scratch
   interp, scale = static.interpret, static.scale
   cols, vb, head, batch = _walk_position()
   dtype, nc = q_s.dtype, static.num_chunks
+  wg = lax.axis_index("wg")
 
-  def issue(c, slot):
+  def load(i):
+    c, slot = nc - 1 - i, lax.rem(i, 2)
     rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
     base._copy_in([(refs["q"].at[rows], q_s.at[slot]), (refs["k"].at[rows], k_s.at[slot]),
                    (refs["n"].at[rows], n_s.at[slot]),
@@ -156,41 +229,52 @@ def _dstates_kernel(static, refs, scratch):
                    (refs["states"].at[batch, head, c, :, cols], h_s.at[slot]),
                    (refs["vec"].at[batch, head, c], vec_s.at[slot]),
                    (refs["vec"].at[batch, head, c], vect_s.at[slot]),
-                   (refs["tot"].at[batch, head, c], tot_s.at[slot])], bar.at[slot])
+                   (refs["tot"].at[batch, head, c], tot_s.at[slot])], full.at[slot])
 
-  def step(c, slot, dh):
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  def step(i, dh):
+    c, slot = nc - 1 - i, lax.rem(i, 2)
+    plgpu.wait_smem_to_gmem(1, wait_read_only=True)    # the last step's dS copy
     dh_s[...] = dh.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dh_s, refs["dstates"].at[batch, head, c, :, cols])
+    plgpu.barrier_wait(full.at[slot])
     x = base._vectors(static, vec_s.at[slot], vect_s.at[slot], tot=tot_s.at[slot])
     do = tiles.load(do_s.at[slot], _TILE, interp).astype(_F32)
     doin_s[...] = (do * tiles.rows(x["into"] * scale, do.shape)).astype(dtype)
-    hh = tiles.load(h_s.at[slot], _TILE, interp).astype(_F32)
-    dtot_s[...] = (hh * dh).sum(axis=1)     # d e^{G}, summed over value blocks outside
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dh_s, refs["dstates"].at[batch, head, c, :, cols])
-    plgpu.copy_smem_to_gmem(dtot_s, refs["dtot"].at[vb, batch, head, c])
-    scores_t = tiles.matmul(k_s.at[slot], q_s.at[slot], (CHUNK, CHUNK), interp,
-                            transpose_b=True)
+    kdh, scores_t = tiles.products([
+        ((CHUNK, BLOCK_V), [(k_s.at[slot], dh_s, False, False)]),
+        ((CHUNK, CHUNK), [(k_s.at[slot], q_s.at[slot], False, True)])], interp)
     decay_t, _ = base._pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"],
                                   True)
-    at_s[...] = (scores_t * decay_t * scale).astype(dtype)
-    plgpu.commit_smem()
-    kdh = tiles.matmul(k_s.at[slot], dh_s, (CHUNK, BLOCK_V), interp)
-    dd = tiles.matmul_add(kdh * tiles.rows(x["out_of"], kdh.shape), at_s, do_s.at[slot],
-                          interp)
+    at = (scores_t * decay_t * scale).astype(dtype)
+    (dd,) = tiles.products([(kdh * tiles.rows(x["out_of"], kdh.shape),
+                             [(at, do_s.at[slot], False, False)])], interp)
     dd_s[...] = dd.astype(dtype)
+    hh = tiles.load(h_s.at[slot], _TILE, interp).astype(_F32)
+    plgpu.wait_smem_to_gmem(1, wait_read_only=True)    # the last step's <S, dS> copy
+    dtot_s[...] = (hh * dh).sum(axis=1)     # d e^{G}, summed over value blocks outside
     plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dtot_s, refs["dtot"].at[vb, batch, head, c])
     dh = dh * tiles.rows(x["tot"], dh.shape)
-    dh = tiles.matmul_add(dh, q_s.at[slot], doin_s, interp, transpose_a=True)
-    return tiles.matmul_add(dh, n_s.at[slot], dd_s, interp, transpose_a=True)
+    (dh,) = tiles.products([(dh, [(q_s.at[slot], doin_s, True, False),
+                                  (n_s.at[slot], dd_s, True, False)])], interp)
+    plgpu.barrier_arrive(free.at[slot])
+    return dh
 
-  kd = static.key_dim
-  dfinal = base._load_f32(static, refs["dfinal"].at[batch, head, :, cols], (kd, BLOCK_V),
-                          one)
-  dh = base._walk(static, issue, lambda i: nc - 1 - i, step, dfinal, bar)
-  plgpu.wait_smem_to_gmem(0)
-  base._stage_out(static, dh, refs["dh0"].at[batch, head, :, cols])
-  plgpu.wait_smem_to_gmem(0)
+  @pl.when(wg == 0)
+  def _compute():
+    dfinal = tiles.load(refs["dfinal"].at[batch, head, :, cols], _TILE, interp,
+                        optimized=False)
+    dh = lax.fori_loop(0, nc, step, dfinal)
+    plgpu.wait_smem_to_gmem(0)
+    refs["dh0"].at[batch, head, :, cols][...] = dh
+
+  @pl.when(wg == 1)
+  def _produce():
+    if not interp:
+      plgpu.set_max_registers(40, action="decrease")
+    tiles.produce_ring(load, nc, 2, (free,))
 
 
 def _backward_call(static, q, k, n, d_o, states, d, vec, tot, dfinal):
@@ -198,7 +282,7 @@ def _backward_call(static, q, k, n, d_o, states, d, vec, tot, dfinal):
   vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
   two = lambda shape, dt=dtype: tiles.swizzled((2,) + shape, dt)
   one = lambda shape, dt=dtype: tiles.swizzled(shape, dt)
-  dstates, dh0, dtot = _walk_launch(
+  dstates, dh0, dtot = base._launch(
       static, _dstates_kernel,
       dict(q=q, k=k, n=n, do=d_o, states=states, vec=vec, tot=tot, dfinal=dfinal),
       dict(dstates=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
@@ -207,8 +291,9 @@ def _backward_call(static, q, k, n, d_o, states, d, vec, tot, dfinal):
       (two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, BLOCK_V)),
        two((kd, BLOCK_V)), plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, 4, CHUNK), _F32),
        plgpu.SMEM((2, kd), _F32), one((kd, BLOCK_V)), one((CHUNK, BLOCK_V)),
-       one((CHUNK, CHUNK)), one((CHUNK, BLOCK_V)), plgpu.SMEM((kd,), _F32),
-       plgpu.Barrier(num_arrivals=8, num_barriers=2), plgpu.Barrier()), b, heads)
+       one((CHUNK, BLOCK_V)), plgpu.SMEM((kd,), _F32),
+       plgpu.Barrier(num_arrivals=8, num_barriers=2), plgpu.Barrier(num_barriers=2)),
+      (vd // BLOCK_V, heads, b), ("vb", "head", "batch"), threads=2)
   dq, dk, dd, dvec = base.grads_call(static, q, k, d, d_o, states, dstates, vec,
                                      dv_dtype=_F32)
   return dq, dk, dd, dvec, dtot, dh0
@@ -220,8 +305,8 @@ _BTHD, _BH = (0, 2), (0, 1)
 
 
 def _forward_all(static, q, k, v, beta, vec, tot, h0):
-  u, n, xt = ut.forward_call(static, k, v, beta, vec)
-  o, states, d, final = _forward(static, q, k, n, u, vec, tot, h0)
+  n, pt, xt = ut.forward_call(static, k, beta, vec)
+  o, states, d, final = _forward(static, q, k, n, v, pt, vec, tot, h0)
   return o, final, states, d, n, xt
 
 

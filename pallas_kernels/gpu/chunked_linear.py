@@ -92,13 +92,17 @@ def _kblock(kb):
   return pl.ds(kb * BLOCK_K, BLOCK_K)
 
 
-def _launch(static, kernel, inputs, out_type, scratch, grid, grid_names):
+def _launch(static, kernel, inputs, out_type, scratch, grid, grid_names, threads=None):
+  """One ``plgpu.kernel`` launch; ``threads``: that many warpgroups (named ``"wg"``)
+  sharing the scratch, else one."""
   def entry(*refs):
     refs = dict(zip(list(inputs) + list(out_type), refs))
-    pl.run_scoped(lambda *smem: kernel(static, refs, smem), *scratch)
+    pl.run_scoped(lambda *smem: kernel(static, refs, smem), *scratch,
+                  **(dict(collective_axes="wg") if threads else {}))
 
   return plgpu.kernel(
       entry, out_type=tuple(out_type.values()), grid=grid, grid_names=grid_names,
+      **(dict(num_threads=threads, thread_name="wg") if threads else {}),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret.params() if static.interpret else None,
   )(*inputs.values())
@@ -183,11 +187,11 @@ def _load_f32(static, src, shape, barrier):
   return pl.run_scoped(body, tiles.swizzled(shape, _F32))
 
 
-def _walk(static, issue, first, step, carry, bar):
-  """``carry = step(c, slot, carry)`` over the chunks ``first(i)`` for i = 0..NC-1, with
-  the next chunk's tiles copied (``issue(c, slot)``) into the other of two slots while
-  the current one is used."""
-  nc = static.num_chunks
+def _walk(static, issue, first, step, carry, bar, count=None):
+  """``carry = step(c, slot, carry)`` over the chunks ``first(i)`` for i = 0..count-1
+  (default NC), with the next chunk's tiles copied (``issue(c, slot)``) into the other of
+  two slots while the current one is used."""
+  nc = static.num_chunks if count is None else count
   issue(first(0), 0)
 
   def body(i, carry):

@@ -6,7 +6,7 @@ gates summed from the chunk's (or the document's) start ``b`` and ``e^b`` ("into
 ``chunked_delta.py``)::
 
     L_ts = beta_t e^{b_t - b_s} k_t . k_s      (s < t, same document; else 0)
-    T = (I + L)^{-1}     U = T diag(beta) v     N = -T diag(beta e^b) k
+    T = (I + L)^{-1}     P = T diag(beta)     U = P v     N = -T diag(beta e^b) k
 
 Forward: ``k k^T`` on the tensor cores, then ``X = T^T`` (the inverse kept transposed)
 by blocked forward substitution: the four 16 x 16 diagonal blocks of ``X`` in float32
@@ -14,8 +14,10 @@ registers at once (15 steps; step ``j`` takes column ``16 i + j`` of each block 
 masked row sum and subtracts ``L_ts X[:, s]`` from the block's later columns, the rows of
 ``L^T`` read from shared memory), then two merges ``X <- X - X L_O^T X`` (``L_O``: the
 blocks just below the diagonal of each 32-token half, then the lower-left 32 x 32 block),
-the same arithmetic as a triangular solve done block by block. ``U`` and ``N`` are products
-of ``X`` with the 16-bit ``v`` and ``k``. Saves ``X`` (float32) for the backward.
+the same arithmetic as a triangular solve done block by block. ``N`` is a product of
+``X`` with the 16-bit ``k``. Writes ``P^T`` in the input dtype (the forward walk forms
+``U + N S = P (v - diag(e^b) k S)`` per chunk from it) and saves ``X`` (float32) for the
+backward.
 
 Backward, from ``dU`` (float32) and the states ``S`` entering the chunks (``d = U + N S``
 in ``chunked_delta.py``, so ``dN = dU S^T``)::
@@ -119,16 +121,45 @@ def _blocks(interp):
   return r, col, block(r), block(col)
 
 
-def _forward_kernel(static, refs, scratch):
-  k_s, v_s, vec_s, vect_s, beta_s, betat_s, bar = scratch
+# Chunks per CTA of the forward launch (the next chunk's inputs are copied while one is
+# solved), when that still leaves this many CTAs; else fewer.
+FORWARD_CHUNKS_PER_CTA = 4
+MIN_CTAS = 4 * 132
+
+
+def _chunks_per_cta(static, batch, heads):
+  for cpc in (8, 4, 2):
+    if (cpc <= FORWARD_CHUNKS_PER_CTA and static.num_chunks % cpc == 0
+        and static.num_chunks // cpc * batch * heads >= MIN_CTAS):
+      return cpc
+  return 1
+
+
+def _forward_kernel(static, cpc, refs, scratch):
+  """``cpc`` chunks in turn, the next one's inputs prefetched into the other slot."""
+  ks_, vecs_, vects_, betas_, betats_, bar = scratch
+  cb, head, batch = base._chunk_position()
+
+  def issue(c, slot):
+    base._copy_in([(refs["k"].at[batch, pl.ds(c * CHUNK, CHUNK), head], ks_.at[slot]),
+                   (refs["vec"].at[batch, head, c], vecs_.at[slot]),
+                   (refs["vec"].at[batch, head, c], vects_.at[slot]),
+                   (refs["beta"].at[batch, head, c], betas_.at[slot]),
+                   (refs["beta"].at[batch, head, c], betats_.at[slot])], bar.at[slot])
+
+  def step(c, slot, carry):
+    _forward_chunk(static, refs, c, head, batch,
+                   tuple(x.at[slot] for x in (ks_, vecs_, vects_, betas_, betats_)))
+    return carry
+
+  base._walk(static, issue, lambda i: cb * cpc + i, step, 0, bar, count=cpc)
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _forward_chunk(static, refs, c, head, batch, scratch):
+  k_s, vec_s, vect_s, beta_s, betat_s = scratch
   interp, dtype = static.interpret, k_s.dtype
-  c, head, batch, rows = _position()
-  base._copy_in([(refs["k"].at[rows], k_s), (refs["v"].at[rows], v_s),
-                 (refs["vec"].at[batch, head, c], vec_s),
-                 (refs["vec"].at[batch, head, c], vect_s),
-                 (refs["beta"].at[batch, head, c], beta_s),
-                 (refs["beta"].at[batch, head, c], betat_s)], bar)
-  plgpu.barrier_wait(bar)
+  rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
   x = _factors(static, vec_s, vect_s, beta_s, betat_s)
 
   # L^T (keys on rows): L^T[s, t] = beta_t e^{b_t - b_s} k_s . k_t for t > s.
@@ -169,45 +200,45 @@ def _forward_kernel(static, refs, scratch):
       _store_split(static, w, whi_s, wlo_s)
       plgpu.commit_smem()
       xt_ = xt_ - _dot3(static, _split(static, xt_, dtype), (whi_s, wlo_s), _SQUARE)
-    # U = T diag(beta) v, N = -T diag(beta e^b) k: X's rows scaled, transposed operand.
-    _store_split(static, xt_ * tiles.rows(x["beta_row"], _SQUARE), xhi_s, xlo_s)
+    # N = -T diag(beta e^b) k: X's rows scaled, transposed operand.
     _store_split(static, xt_ * tiles.rows(-x["beta_row"] * x["into"], _SQUARE), whi_s,
                  wlo_s)
     plgpu.commit_smem()
     n = _dot2(static, (whi_s, wlo_s), k_s, (CHUNK, static.key_dim), transpose_a=True)
-    u = _dot2(static, (xhi_s, xlo_s), v_s, (CHUNK, static.value_dim), transpose_a=True)
-    return xt_, u, n
+    return xt_, n
 
   sq = tiles.swizzled(_SQUARE, dtype)
-  xt, u, n = pl.run_scoped(merge, sq, sq, sq, sq)
+  xt, n = pl.run_scoped(merge, sq, sq, sq, sq)
 
-  def out_n(n_s):
-    n_s[...] = n.astype(n_s.dtype)
+  def out_n(n_s, pt_s):
+    n_s[...] = n.astype(dtype)
+    pt_s[...] = (xt * tiles.rows(x["beta_row"], _SQUARE)).astype(dtype)   # P^T
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(n_s, refs["n"].at[rows])
+    plgpu.copy_smem_to_gmem(pt_s, refs["pt"].at[batch, head, c])
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  pl.run_scoped(out_n, tiles.swizzled((CHUNK, static.key_dim), dtype))
-  base._stage_out(static, u, refs["u"].at[rows])
+  pl.run_scoped(out_n, tiles.swizzled((CHUNK, static.key_dim), dtype), sq)
   base._stage_out(static, xt, refs["xt"].at[batch, head, c])
-  plgpu.wait_smem_to_gmem(0)
 
 
-def forward_call(static, k, v, beta, vec):
-  """``U [B, T, H, V]`` float32, ``N [B, T, H, K]`` in k's dtype and ``X = T^T
-  [B, H, T / C, C, C]`` float32 from ``k``, ``v``, ``beta [B, H, T / C, C]`` float32 and
-  the gate factors ``vec [B, H, T / C, 4, C]``."""
+def forward_call(static, k, beta, vec):
+  """``N [B, T, H, K]`` and ``P^T = (T diag(beta))^T [B, H, T / C, C, C]`` in k's dtype
+  and ``X = T^T [B, H, T / C, C, C]`` float32 from ``k``, ``beta [B, H, T / C, C]``
+  float32 and the gate factors ``vec [B, H, T / C, 4, C]``."""
   b, tp, heads, kd = k.shape
-  vd, nc, dtype = static.value_dim, static.num_chunks, k.dtype
-  return base._parallel(
-      static, _forward_kernel, dict(k=k, v=v, vec=vec, beta=beta),
-      dict(u=jax.ShapeDtypeStruct((b, tp, heads, vd), _F32),
-           n=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
+  nc, dtype = static.num_chunks, k.dtype
+  square = jax.ShapeDtypeStruct((b, heads, nc, CHUNK, CHUNK), dtype)
+  cpc = _chunks_per_cta(static, b, heads)
+  two = lambda shape: plgpu.SMEM((2,) + shape, _F32)
+  return base._launch(
+      static, lambda st, refs, scratch: _forward_kernel(st, cpc, refs, scratch),
+      dict(k=k, vec=vec, beta=beta),
+      dict(n=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype), pt=square,
            xt=jax.ShapeDtypeStruct((b, heads, nc, CHUNK, CHUNK), _F32)),
-      (tiles.swizzled((CHUNK, kd), dtype), tiles.swizzled((CHUNK, vd), dtype),
-       plgpu.SMEM((4, CHUNK), _F32), plgpu.SMEM((4, CHUNK), _F32),
-       plgpu.SMEM((CHUNK,), _F32), plgpu.SMEM((CHUNK,), _F32),
-       plgpu.Barrier(num_arrivals=6)), b, heads)
+      (tiles.swizzled((2, CHUNK, kd), dtype), two((4, CHUNK)), two((4, CHUNK)),
+       two((CHUNK,)), two((CHUNK,)), plgpu.Barrier(num_arrivals=5, num_barriers=2)),
+      (nc // cpc, heads, b), ("chunk", "head", "batch"))
 
 
 # -------------------------------------------------------------------------- backward

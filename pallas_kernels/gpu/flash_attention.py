@@ -338,7 +338,7 @@ def _forward_kernel(static, refs, scratch):
             bias_smem.at[slot], k_bar.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
 
-    _produce_ring(load, count, stages, (k_free, v_free))
+    tiles.produce_ring(load, count, stages, (k_free, v_free))
 
 
 def _forward(static, q, k, v, sinks, q_seg, kv_seg, order, meta, bias=None, slopes=None):
@@ -517,30 +517,7 @@ def _dq_kernel(static, refs, scratch):
             bias_smem.at[slot], k_bar.at[slot])
       plgpu.copy_gmem_to_smem(refs["v"].at[rows], v_smem.at[slot], v_bar.at[slot])
 
-    _produce_ring(load, count, stages, (k_free, v_free))
-
-
-def _produce_ring(load, count, stages, free_barriers):
-  """The producer's loop: fill the ring, refill each slot once its consumers free it, and
-  finally wait for the last frees too, so that every barrier phase is observed by every
-  thread that uses the barrier (the interpreter checks this)."""
-  stages = jnp.int32(stages)
-
-  def wait_free(s):
-    slot = lax.rem(s, stages)
-    for bar in free_barriers:
-      plgpu.barrier_wait(bar.at[slot])
-
-  def fill(s, _):
-    load(s)
-
-  def refill(s, _):
-    wait_free(s - stages)
-    load(s)
-
-  lax.fori_loop(0, jnp.minimum(count, stages), fill, None)
-  lax.fori_loop(stages, count, refill, None)
-  lax.fori_loop(jnp.maximum(count - stages, 0), count, lambda s, _: wait_free(s), None)
+    tiles.produce_ring(load, count, stages, (k_free, v_free))
 
 
 def _dkv_kernel(static, refs, scratch):
@@ -649,7 +626,7 @@ def _dkv_kernel(static, refs, scratch):
       plgpu.copy_gmem_to_smem(refs["do"].at[rows], do_smem.at[slot], do_bar.at[slot])
       plgpu.copy_gmem_to_smem(refs["delta"].at[vec], delta_smem.at[slot], do_bar.at[slot])
 
-    _produce_ring(load, groups * count, stages, (q_free, do_free))
+    tiles.produce_ring(load, groups * count, stages, (q_free, do_free))
 
 
 def _backward(static, q, k, v, sinks, q_seg, kv_seg, lse, delta, do, lists, bias=None,

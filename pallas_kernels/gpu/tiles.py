@@ -109,3 +109,52 @@ def matmul_pair(first, second, interpret):
       plgpu.wgmma(ref, a, plgpu.transpose_ref(b, (1, 0)) if t else b)
 
   return pl.run_state(body)(accs)
+
+
+def products(terms, interpret):
+  """Several accumulators, each ``acc + sum(a @ b)``, issued together and waited for
+  once. ``terms`` is a list of ``(acc_or_shape, [(a, b, transpose_a, transpose_b),
+  ...])``: a tuple shape starts a fresh accumulator, an array accumulates into it; ``a``
+  is a shared-memory ref or (untransposed) a register array, ``b`` a shared-memory ref.
+  Returns the accumulators in order."""
+  if interpret:
+    outs = []
+    for acc, pairs in terms:
+      out = jnp.zeros(acc, jnp.float32) if isinstance(acc, tuple) else acc
+      for a, b, ta, tb in pairs:
+        out = out + jnp.dot(_value(a, ta), _value(b, tb), preferred_element_type=jnp.float32)
+      outs.append(out)
+    return tuple(outs)
+  accs = tuple(plgpu.ACC.init(zeros(acc, False) if isinstance(acc, tuple) else acc)
+               for acc, _ in terms)
+
+  def body(refs):
+    for ref, (_, pairs) in zip(refs, terms):
+      for a, b, ta, tb in pairs:
+        plgpu.wgmma(ref, plgpu.transpose_ref(a, (1, 0)) if ta else a,
+                    plgpu.transpose_ref(b, (1, 0)) if tb else b)
+
+  return pl.run_state(body)(accs)
+
+
+def produce_ring(load, count, stages, free_barriers):
+  """The producer's loop: fill the ring, refill each slot once its consumers free it, and
+  finally wait for the last frees too, so that every barrier phase is observed by every
+  thread that uses the barrier (the interpreter checks this)."""
+  stages = jnp.int32(stages)
+
+  def wait_free(s):
+    slot = lax.rem(s, stages)
+    for bar in free_barriers:
+      plgpu.barrier_wait(bar.at[slot])
+
+  def fill(s, _):
+    load(s)
+
+  def refill(s, _):
+    wait_free(s - stages)
+    load(s)
+
+  lax.fori_loop(0, jnp.minimum(count, stages), fill, None)
+  lax.fori_loop(stages, count, refill, None)
+  lax.fori_loop(jnp.maximum(count - stages, 0), count, lambda s, _: wait_free(s), None)

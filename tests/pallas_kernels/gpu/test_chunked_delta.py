@@ -29,6 +29,7 @@ from tests.pallas_kernels.gpu.test_chunked_linear import check as base_check
 @dataclasses.dataclass(frozen=True)
 class DeltaCase(Case):
   gated: bool = True
+  wide_walk: bool | None = None   # the forward walk's layout (None: chosen by shape)
 
 
 def _inputs(case: DeltaCase, rng):
@@ -46,13 +47,20 @@ def check(case, rng, interpret):
   def reference(q, k, v, g=None, beta=None, **options):
     return oracle.gated_delta_rule(q, k, v, g, beta, **options)
 
-  return base_check(case, rng, interpret, inputs=_inputs, reference=reference,
-                    op=cd.gated_delta_rule if case.gated else cd.delta_rule)
+  saved, cd.WIDE_WALK = cd.WIDE_WALK, case.wide_walk
+  try:
+    return base_check(case, rng, interpret, inputs=_inputs, reference=reference,
+                      op=cd.gated_delta_rule if case.gated else cd.delta_rule)
+  finally:
+    cd.WIDE_WALK = saved
 
 
 INTERPRETED_CASES = [
     # Two chunks, padding, two value blocks, documents (one start on the chunk edge).
     DeltaCase("T100_V128_docs_init", 100, value_dim=128, documents=True),
+    # The same with both value blocks in one forward-walk CTA (two consumer warpgroups).
+    DeltaCase("T100_V128_docs_init_wide", 100, value_dim=128, documents=True,
+              wide_walk=True),
     # K = 128 != V; gates of exactly -20: e^{G} underflows, decay gradients are ~e^-20.
     DeltaCase("T70_K128_g-20_exact", 70, key_dim=128, strength=20.0, exact_gates=True),
 ]
@@ -69,6 +77,8 @@ GPU_CASES = INTERPRETED_CASES + [
     DeltaCase("T70_K128_delta_on_gpu", 70, key_dim=128, gated=False),
     DeltaCase("T1000_K128_V128_docs_init_on_gpu", 1000, key_dim=128, value_dim=128,
               documents=True, batch=2, heads=3),
+    DeltaCase("T1000_K128_V128_docs_init_wide_on_gpu", 1000, key_dim=128, value_dim=128,
+              documents=True, batch=2, heads=3, wide_walk=True),
     DeltaCase("T257_K128_V64_delta_on_gpu", 257, key_dim=128, gated=False,
               initial_state=False),
     DeltaCase("T130_g-10_f16_on_gpu", 130, strength=10.0, documents=True, dtype=jnp.float16,

@@ -2,8 +2,8 @@
 float64 oracle written from the chunk equations, forward and backward.
 
 Per chunk of 64 tokens: ``L_ts = beta_t e^{b_t - b_s} k_t . k_s`` (s < t, same
-document), ``T = (I + L)^{-1}``, ``U = T diag(beta) v``, ``N = -T diag(beta e^b) k``; the
-backward is the gradient of ``sum(dU * (U + N S))`` (``d = U + N S`` in
+document), ``T = (I + L)^{-1}``, ``P = T diag(beta)``, ``N = -T diag(beta e^b) k``; the
+backward is the gradient of ``sum(dU * (U + N S))`` with ``U = P v`` (``d = U + N S`` in
 ``chunked_delta.py``) with respect to k, v, beta, b and e^b.
 
 The whole delta rule is tested against its oracle in ``test_chunked_delta.py``; there,
@@ -26,7 +26,7 @@ from tests.pallas_kernels.gpu.test_chunked_linear import gpu_only, interpreted
 
 C = ut.CHUNK
 # float32 results from products of 16-bit halves (>= 16 significant bits) and float32
-# substitution; N, dv and dk are rounded to the input dtype (bfloat16: 8 bits, ~2e-3
+# substitution; N, P^T, dv and dk are rounded to the input dtype (bfloat16: 8 bits, ~2e-3
 # relative; float16: 11 bits, ~3e-4).
 F32_TOL = 1e-4
 ROUNDED_TOL = {jnp.bfloat16: 5e-3, jnp.float16: 1e-3}
@@ -53,7 +53,7 @@ def _inputs(rng, batch, length, heads, kd, vd, dtype):
 
 
 def _oracle(k, v, beta, b, into, doc, states, du):
-  """float64 ``(U, N, X, loss)`` with ``loss = sum(dU * (U + N S))``, chunk by chunk."""
+  """float64 ``(P^T, N, X, loss)`` with ``loss = sum(dU * (U + N S))``, chunk by chunk."""
   batch, length, heads, kd = k.shape
   nc = length // C
 
@@ -66,10 +66,10 @@ def _oracle(k, v, beta, b, into, doc, states, du):
   big_l = jnp.where(lower, beta[..., :, None] * jnp.exp(gap)
                     * jnp.einsum("...tk,...sk->...ts", kc, kc), 0.0)
   t = jnp.linalg.inv(jnp.broadcast_to(jnp.eye(C), big_l.shape) + big_l)
-  u = t @ (beta[..., None] * vc)
+  p = t * beta[..., None, :]
   n = -t @ ((beta * into)[..., None] * kc)
-  loss = jnp.sum(duc * (u + n @ states))
-  return u, n, jnp.swapaxes(t, -1, -2), loss
+  loss = jnp.sum(duc * (p @ vc + n @ states))
+  return jnp.swapaxes(p, -1, -2), n, jnp.swapaxes(t, -1, -2), loss
 
 
 def _back(x):   # [B, H, NC, C, D] -> [B, T, H, D]
@@ -92,27 +92,27 @@ def test_ut_transform_and_gradients_match_float64(interpret, kd, vd, dtype, rng)
   dk_in = jnp.asarray(rng.standard_normal(k.shape), dtype)   # k's gradient so far
 
   def kernels(k, v, beta, vec, states, du, dk_in):
-    u, n, xt = ut.forward_call(static, k, v, beta, vec)
-    return (u, n, xt) + tuple(ut.backward_call(static, k, v, beta, vec, xt, du, states,
+    n, pt, xt = ut.forward_call(static, k, beta, vec)
+    return (pt, n, xt) + tuple(ut.backward_call(static, k, v, beta, vec, xt, du, states,
                                                dk_in))
 
   run = kernels if interpret else jax.jit(kernels)
-  u, n, xt, dk, dv, dvec = run(k, v, beta, vec, states, du, dk_in)
+  pt, n, xt, dk, dv, dvec = run(k, v, beta, vec, states, du, dk_in)
 
   with jax.enable_x64():
     f64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
     args = [f64(x) for x in (k, v, beta, vec[..., 0, :], vec[..., 1, :])]
     fixed = dict(doc=np.asarray(vec[..., 3, :]), states=f64(states), du=f64(du))
-    ref_u, ref_n, ref_xt, _ = _oracle(*args, **fixed)
+    ref_pt, ref_n, ref_xt, _ = _oracle(*args, **fixed)
     grads = jax.grad(lambda *a: _oracle(*a, **fixed)[3], argnums=range(5))(*args)
-    errors = {"U": rel_err(np.asarray(u, np.float64), _back(ref_u)),
-              "X": rel_err(np.asarray(xt, np.float64), np.asarray(ref_xt)),
+    errors = {"X": rel_err(np.asarray(xt, np.float64), np.asarray(ref_xt)),
               "db": rel_err(np.asarray(dvec[..., 0, :], np.float64), np.asarray(grads[3])),
               "dinto": rel_err(np.asarray(dvec[..., 1, :], np.float64),
                                np.asarray(grads[4])),
               "dbeta": rel_err(np.asarray(dvec[..., 2, :], np.float64),
                                np.asarray(grads[2]))}
     rounded = {"N": rel_err(np.asarray(n, np.float64), _back(ref_n)),
+               "P^T": rel_err(np.asarray(pt, np.float64), np.asarray(ref_pt)),
                "dv": rel_err(np.asarray(dv, np.float64), np.asarray(grads[1])),
                "dk": rel_err(np.asarray(dk, np.float64),
                              np.asarray(grads[0]) + np.asarray(dk_in, np.float64))}
