@@ -29,8 +29,8 @@ corrections ``d``. So:
   ``chunked_linear.py`` (XLA, gradients by autodiff).
 * forward walk: a producer warpgroup copies each chunk's q, k, N, v, ``P^T`` into a ring
   of two slots; each consumer warpgroup carries ``S[:, 64 values]`` in float32 registers
-  and per chunk forms ``d = P v + N S`` (``P v`` shares the accumulator: one dependent
-  product), the output ``o = scale (diag(e^b) q S + ((q k^T) * D) d)`` and the state
+  and per chunk forms ``d = P v + N S`` (``P v`` shares the accumulator with ``N S``), the
+  output ``o = scale (diag(e^b) q S + ((q k^T) * D) d)`` and the state
   update, saving the state entering every chunk and ``d`` (input dtype). Grid ``(H, B)``
   with one consumer per value block when ``B H`` fills the GPU (q, k, N, P read once per
   head), else ``(V / 64, H, B)`` with one consumer.

@@ -16,7 +16,7 @@ masked row sum and subtracts ``L_ts X[:, s]`` from the block's later columns, th
 blocks just below the diagonal of each 32-token half, then the lower-left 32 x 32 block),
 the same arithmetic as a triangular solve done block by block. ``N`` is a product of
 ``X`` with the 16-bit ``k``. Writes ``P^T`` in the input dtype (the forward walk forms
-``U + N S = P (v - diag(e^b) k S)`` per chunk from it) and saves ``X`` (float32) for the
+``d = U + N S = P v + N S`` per chunk from it) and saves ``X`` (float32) for the
 backward.
 
 Backward, from ``dU`` (float32) and the states ``S`` entering the chunks (``d = U + N S``

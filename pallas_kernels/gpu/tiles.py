@@ -97,18 +97,8 @@ def matmul_add(acc, a, b, interpret, transpose_b=False, transpose_a=False):
 def matmul_pair(first, second, interpret):
   """Two products issued together and waited for once. Each entry is
   ``(acc_or_shape, a, b, transpose_b)``: a tuple shape starts a fresh accumulator, an
-  array accumulates into it. Returns the two results."""
-  if interpret:
-    return tuple(matmul(a, b, x, interpret, t) if isinstance(x, tuple) else
-                 matmul_add(x, a, b, interpret, t) for x, a, b, t in (first, second))
-  accs = tuple(plgpu.ACC.init(zeros(x, False)) if isinstance(x, tuple) else plgpu.ACC.init(x)
-               for x, _, _, _ in (first, second))
-
-  def body(refs):
-    for ref, (_, a, b, t) in zip(refs, (first, second)):
-      plgpu.wgmma(ref, a, plgpu.transpose_ref(b, (1, 0)) if t else b)
-
-  return pl.run_state(body)(accs)
+  array accumulates into it. Returns the two results (``products`` with one term each)."""
+  return products([(x, [(a, b, False, t)]) for x, a, b, t in (first, second)], interpret)
 
 
 def products(terms, interpret):
