@@ -4,9 +4,13 @@ For each op and sequence length ``T`` (batch ``B = tokens // T``): build random 
 (q, k, v and the op's gates), check the forward output and every gradient of the timed
 tier against the ``reference`` tier (the token-by-token scan) on the first batch row and
 first two heads, then
-time forward and forward+backward (gradients of q, k, v and every gate). Reports ms,
-tokens/s and the fraction of the memory floor: forward+backward must read q, k, v, the
-gates and dO and write o, dq, dk, dv and the gate gradients once each.
+time the passes in ``config.passes``: ``"fwd"`` (the output), ``"fwdbwd"`` (the
+gradients of q, k, v and every gate of ``<o, dO>``; the standard measure of
+../shared/BENCHMARKS.md) and ``"train"`` (the loss ``<o, dO>`` and those gradients, as a
+training step needs them: under ``"fwdbwd"`` XLA drops whatever only computes o, since
+no gradient reads it). Reports ms, tokens/s and the fraction of the memory floor:
+forward+backward must read q, k, v, the gates and dO and write o, dq, dk, dv and the gate
+gradients once each.
 """
 
 from __future__ import annotations
@@ -91,7 +95,9 @@ def run_linear(config, emit: Callable[[dict[str, Any]], None], *, time_call, tem
         def loss(*a, op=op):
           return jnp.sum(op(*a)[0].astype(jnp.float32) * d_out.astype(jnp.float32))
 
-        grad = jax.grad(loss, argnums=tuple(range(len(args))))
+        argnums = tuple(range(len(args)))
+        programs = {"fwd": forward, "fwdbwd": jax.grad(loss, argnums=argnums),
+                    "train": jax.value_and_grad(loss, argnums=argnums)}
         try:
           # The reference scan's backward keeps one [K, V] state per token and head:
           # check on the first batch row and the first two heads (heads are independent).
@@ -106,7 +112,8 @@ def run_linear(config, emit: Callable[[dict[str, Any]], None], *, time_call, tem
           row = {**shape, "status": "error", "error": error_message(error)}
           rows.append(row), emit(row)
           continue
-        for pass_name, fn in (("fwd", forward), ("fwdbwd", grad)):
+        for pass_name in config.passes:
+          fn = programs[pass_name]
           row = {**shape, "pass": pass_name}
           try:
             compiled = jax.jit(fn).lower(*args).compile()
@@ -114,8 +121,9 @@ def run_linear(config, emit: Callable[[dict[str, Any]], None], *, time_call, tem
             if pass_name == "fwd":
               relerr = {"o": _relerr(result[:1, :, :2], ref_o)}
             else:
+              grads = result[1] if pass_name == "train" else result
               names = ("dq", "dk", "dv") + tuple(f"dgate{i}" for i in range(len(gates)))
-              relerr = {n: _relerr(x[:1, :, :2], r) for n, x, r in zip(names, result, ref_g)}
+              relerr = {n: _relerr(x[:1, :, :2], r) for n, x, r in zip(names, grads, ref_g)}
             row.update(relerr=relerr, tolerance=tolerance)
             if not max(relerr.values()) <= tolerance:
               row.update(status="mismatch", error="relative error above the tolerance")
@@ -124,7 +132,7 @@ def run_linear(config, emit: Callable[[dict[str, Any]], None], *, time_call, tem
               row.update(status="ok", ms=seconds * 1e3,
                          tokens_per_s=batch * seq_len / seconds,
                          temp_bytes=temp_bytes(compiled))
-              if pass_name == "fwdbwd":
+              if pass_name != "fwd":
                 row["floor_ms"] = floor_bytes / config.copy_bandwidth * 1e3
           except Exception as error:  # noqa: BLE001 - recorded, the run goes on
             row.update(status="error", error=error_message(error))
@@ -134,13 +142,13 @@ def run_linear(config, emit: Callable[[dict[str, Any]], None], *, time_call, tem
 
 
 def markdown_table(rows) -> str:
-  lines = ["| op | impl | T | fwd ms | fwdbwd ms | fwdbwd / floor | temp MB fwdbwd | "
-           "relerr o / worst grad |", "|---|---|---|---|---|---|---|---|"]
+  lines = ["| op | impl | T | fwd ms | fwdbwd ms | train ms | fwdbwd / floor | "
+           "temp MB fwdbwd | relerr o / worst grad |", "|---|---|---|---|---|---|---|---|---|"]
   by_key = {}
   for row in rows:
     by_key.setdefault((row["op"], row["impl"], row["T"]), {})[row.get("pass")] = row
   for (op, impl, seq_len), passes in by_key.items():
-    fwd, bwd = passes.get("fwd", {}), passes.get("fwdbwd", {})
+    fwd, bwd, train = (passes.get(p, {}) for p in ("fwd", "fwdbwd", "train"))
     cell = lambda r, k, f: (f.format(r[k]) if r.get(k) is not None else
                             r.get("status", "-"))
     ratio = (f"{bwd['ms'] / bwd['floor_ms']:.1f}x" if bwd.get("ms") and bwd.get("floor_ms")
@@ -148,6 +156,7 @@ def markdown_table(rows) -> str:
     temp = (f"{bwd['temp_bytes'] / 2**20:.0f}" if bwd.get("temp_bytes") is not None else "-")
     err_o = f"{fwd['relerr']['o']:.1e}" if fwd.get("relerr") else "-"
     err_g = f"{max(bwd['relerr'].values()):.1e}" if bwd.get("relerr") else "-"
-    lines.append(f"| {op} | {impl} | {seq_len} | {cell(fwd, 'ms', '{:.3f}')} | "
-                 f"{cell(bwd, 'ms', '{:.3f}')} | {ratio} | {temp} | {err_o} / {err_g} |")
+    ms = " | ".join(cell(r, "ms", "{:.3f}") for r in (fwd, bwd, train))
+    lines.append(f"| {op} | {impl} | {seq_len} | {ms} | {ratio} | {temp} | "
+                 f"{err_o} / {err_g} |")
   return "\n".join(lines)
