@@ -348,62 +348,74 @@ def _dstates_kernel(static, refs, scratch):
 
 def _grads_kernel(static, refs, scratch):
   """One chunk's gradients: dq, dk, dv and the gate factors' gradients, from the state
-  entering the chunk and the gradient of the state leaving it."""
-  (q_s, k_s, v_s, do_s, hc_s, dh_s, vec_s, vect_s, kout_s, dk_s, dv_s, dvec_s,
-   bar) = scratch
+  entering the chunk and the gradient of the state leaving it. Two warpgroups share the
+  chunk's tiles: the first forms dq (and its halves of the gate gradients), the second
+  dk and dv, at the same time (each alone is a chain of dependent products)."""
+  (q_s, k_s, v_s, do_s, hc_s, dh_s, vec_s, vect_s, kout_s, kout2_s, dk_s, dv_s, dvec_s,
+   dvec2_s, bar) = scratch
   interp, scale = static.interpret, static.scale
   c, head, batch = _chunk_position()
+  wg = lax.axis_index("wg")
   rows, dtype = (batch, pl.ds(c * CHUNK, CHUNK), head), q_s.dtype
   tile_c = (CHUNK, static.key_dim)
-  _copy_in([(refs["q"].at[rows], q_s), (refs["k"].at[rows], k_s), (refs["v"].at[rows], v_s),
-            (refs["do"].at[rows], do_s), (refs["states"].at[batch, head, c], hc_s),
-            (refs["dstates"].at[batch, head, c], dh_s),
-            (refs["vec"].at[batch, head, c], vec_s), (refs["vec"].at[batch, head, c], vect_s)],
-           bar)
+
+  @pl.when(wg == 0)
+  def _request():
+    _copy_in([(refs["q"].at[rows], q_s), (refs["k"].at[rows], k_s),
+              (refs["v"].at[rows], v_s), (refs["do"].at[rows], do_s),
+              (refs["states"].at[batch, head, c], hc_s),
+              (refs["dstates"].at[batch, head, c], dh_s),
+              (refs["vec"].at[batch, head, c], vec_s),
+              (refs["vec"].at[batch, head, c], vect_s)], bar)
+
   plgpu.barrier_wait(bar)
-  x = _vectors(static, vec_s, vect_s)
 
-  # dq: (dA * D) k scale + diag(e^b) dO S^T scale, and the row half of db.
-  scores = tiles.matmul(q_s, k_s, (CHUNK, CHUNK), interp, transpose_b=True)
-  d_a = tiles.matmul(do_s, v_s, (CHUNK, CHUNK), interp, transpose_b=True)
-  decay, strict = _pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"], False)
-  a = scores * decay * scale
-  db = jnp.where(strict, d_a * a, 0.0).sum(axis=1)
-  dq = tiles.matmul((d_a * decay * scale).astype(dtype), k_s, tile_c, interp)
-  doh = tiles.matmul(do_s, hc_s, tile_c, interp, transpose_b=True)
-  qq = tiles.load(q_s, _TILE, interp).astype(_F32)
-  d_into = (qq * doh).sum(axis=1) * scale
-  dq = dq + doh * tiles.rows(x["into"] * scale, doh.shape)
-  kout_s[...] = dq.astype(dtype)     # kout_s stages dq first
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(kout_s, refs["dq"].at[rows])
+  @pl.when(wg == 0)
+  def _dq():
+    # dq: (dA * D) k scale + diag(e^b) dO S^T scale, and the row half of db.
+    x = _vectors(static, vec_s, vect_s)
+    scores = tiles.matmul(q_s, k_s, (CHUNK, CHUNK), interp, transpose_b=True)
+    d_a = tiles.matmul(do_s, v_s, (CHUNK, CHUNK), interp, transpose_b=True)
+    decay, strict = _pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"],
+                                False)
+    a = scores * decay * scale
+    db = jnp.where(strict, d_a * a, 0.0).sum(axis=1)
+    dq = tiles.matmul((d_a * decay * scale).astype(dtype), k_s, tile_c, interp)
+    doh = tiles.matmul(do_s, hc_s, tile_c, interp, transpose_b=True)
+    qq = tiles.load(q_s, _TILE, interp).astype(_F32)
+    dvec_s.at[0][...] = db
+    dvec_s.at[1][...] = (qq * doh).sum(axis=1) * scale
+    kout_s[...] = (dq + doh * tiles.rows(x["into"] * scale, doh.shape)).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(kout_s, refs["dq"].at[rows])
+    plgpu.copy_smem_to_gmem(dvec_s, refs["dvec"].at[batch, head, c, pl.ds(0, 2)])
+    plgpu.wait_smem_to_gmem(0)
 
-  # dk, dv from the transposed tiles (keys on rows), and the column half of db.
-  scores_t = tiles.matmul(k_s, q_s, (CHUNK, CHUNK), interp, transpose_b=True)
-  d_a_t = tiles.matmul(v_s, do_s, (CHUNK, CHUNK), interp, transpose_b=True)
-  decay_t, strict_t = _pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"],
-                                  True)
-  a_t = scores_t * decay_t * scale
-  db = db - jnp.where(strict_t, d_a_t * a_t, 0.0).sum(axis=1)
-  dk = tiles.matmul((d_a_t * decay_t * scale).astype(dtype), q_s, tile_c, interp)
-  vdh = tiles.matmul(v_s, dh_s, tile_c, interp, transpose_b=True)
-  kk = tiles.load(k_s, _TILE, interp).astype(_F32)
-  d_out = (kk * vdh).sum(axis=1)
-  dk_s[...] = (dk + vdh * tiles.rows(x["out_of"], vdh.shape)).astype(dtype)
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-  kout_s[...] = (kk * tiles.rows(x["out_of"], kk.shape)).astype(dtype)
-  plgpu.commit_smem()
-  dv = tiles.matmul(a_t.astype(dtype), do_s, (CHUNK, static.value_dim), interp)
-  dv = tiles.matmul_add(dv, kout_s, dh_s, interp)
-  dv_s[...] = dv.astype(dv_s.dtype)
-  dvec_s.at[0][...] = db
-  dvec_s.at[1][...] = d_into
-  dvec_s.at[2][...] = d_out
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(dk_s, refs["dk"].at[rows])
-  plgpu.copy_smem_to_gmem(dv_s, refs["dv"].at[rows])
-  plgpu.copy_smem_to_gmem(dvec_s, refs["dvec"].at[batch, head, c])
-  plgpu.wait_smem_to_gmem(0)
+  @pl.when(wg == 1)
+  def _dk_dv():
+    # dk, dv from the transposed tiles (keys on rows), and the column half of db.
+    x = _vectors(static, vec_s, vect_s)
+    scores_t = tiles.matmul(k_s, q_s, (CHUNK, CHUNK), interp, transpose_b=True)
+    d_a_t = tiles.matmul(v_s, do_s, (CHUNK, CHUNK), interp, transpose_b=True)
+    decay_t, strict_t = _pair_decay(static, x["b_row"], x["b_col"], x["d_row"],
+                                    x["d_col"], True)
+    a_t = scores_t * decay_t * scale
+    dvec2_s.at[0][...] = -jnp.where(strict_t, d_a_t * a_t, 0.0).sum(axis=1)
+    dk = tiles.matmul((d_a_t * decay_t * scale).astype(dtype), q_s, tile_c, interp)
+    vdh = tiles.matmul(v_s, dh_s, tile_c, interp, transpose_b=True)
+    kk = tiles.load(k_s, _TILE, interp).astype(_F32)
+    dvec2_s.at[1][...] = (kk * vdh).sum(axis=1)
+    dk_s[...] = (dk + vdh * tiles.rows(x["out_of"], vdh.shape)).astype(dtype)
+    kout2_s[...] = (kk * tiles.rows(x["out_of"], kk.shape)).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dk_s, refs["dk"].at[rows])
+    dv = tiles.matmul(a_t.astype(dtype), do_s, (CHUNK, static.value_dim), interp)
+    dv = tiles.matmul_add(dv, kout2_s, dh_s, interp)
+    dv_s[...] = dv.astype(dv_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dv_s, refs["dv"].at[rows])
+    plgpu.copy_smem_to_gmem(dvec2_s, refs["dvec"].at[batch, head, c, pl.ds(2, 2)])
+    plgpu.wait_smem_to_gmem(0)
 
 
 def _backward_call(static, q, k, v, d_o, states, vec, tot, dfinal):
@@ -434,22 +446,29 @@ def dstates_call(static, q, d_o, states, vec, tot, dfinal):
 
 def grads_call(static, q, k, v, d_o, states, dstates, vec, dv_dtype=None):
   """The chunk-parallel gradient launch (also the delta rules' kernel, with ``v`` the
-  chunks' corrected values); ``dv`` in ``dv_dtype`` (default: the input dtype)."""
+  chunks' corrected values); ``dv`` in ``dv_dtype`` (default: the input dtype). Returns
+  dq, dk, dv and ``[B, H, T / C, 3, C]`` float32: the gradients of ``b``, ``e^b`` and
+  ``e^a``."""
   b, tp, heads, kd = q.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
   one = lambda shape, dt=dtype: tiles.swizzled(shape, dt)
-  return _parallel(
+  dq, dk, dv, parts = _launch(
       static, _grads_kernel,
       dict(q=q, k=k, v=v, do=d_o, states=states, dstates=dstates, vec=vec),
       dict(dq=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
            dk=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
            dv=jax.ShapeDtypeStruct((b, tp, heads, vd), dv_dtype or dtype),
-           dvec=jax.ShapeDtypeStruct((b, heads, nc, 3, CHUNK), _F32)),
+           dvec=jax.ShapeDtypeStruct((b, heads, nc, 4, CHUNK), _F32)),
       (one((CHUNK, kd)), one((CHUNK, kd)), one((CHUNK, vd)), one((CHUNK, vd)),
        one((kd, vd)), one((kd, vd)), plgpu.SMEM((4, CHUNK), _F32),
-       plgpu.SMEM((4, CHUNK), _F32), one((CHUNK, kd)), one((CHUNK, kd)),
-       one((CHUNK, vd), dv_dtype or dtype), plgpu.SMEM((3, CHUNK), _F32),
-       plgpu.Barrier(num_arrivals=8)), b, heads)
+       plgpu.SMEM((4, CHUNK), _F32), one((CHUNK, kd)), one((CHUNK, kd)), one((CHUNK, kd)),
+       one((CHUNK, vd), dv_dtype or dtype), plgpu.SMEM((2, CHUNK), _F32),
+       plgpu.SMEM((2, CHUNK), _F32), plgpu.Barrier(num_arrivals=8)),
+      (nc, heads, b), ("chunk", "head", "batch"), threads=2)
+  # parts rows: db (row half), d e^b, db (column half), d e^a.
+  dvec = jnp.stack([parts[..., 0, :] + parts[..., 2, :], parts[..., 1, :],
+                    parts[..., 3, :]], axis=-2)
+  return dq, dk, dv, dvec
 
 
 # -------------------------------------------------------------------------- wrappers
