@@ -38,7 +38,8 @@ Kernels (one warpgroup per CTA, ``wgmma`` with float32 accumulators, TMA copies)
   block of ``dS`` in registers; saves the gradient of the state leaving every chunk and ``<S, dS>`` (the
   gradient of ``e^{G}``); ends with the initial state's gradient.
 * gradients, grid ``(T / C, H, B)``: every chunk at once: dq, dk, dv and the gradients
-  of ``b``, ``e^{b}`` and ``e^{a}``. The transposed products (``k q^T``, ``v dO^T``) are
+  of ``b``, ``e^{b}`` and ``e^{a}``, two warpgroups per chunk (one forms dq, the other
+  dk and dv, from the same tiles). The transposed products (``k q^T``, ``v dO^T``) are
   computed directly rather than transposing register tiles.
 
 Only the two walks are sequential, and each does one matrix product per chunk; the rest
