@@ -50,6 +50,8 @@ def get_config(arg=None):
   config.mask_seq_len = 16384
   config.mask_cases = ("causal", "window_1024", "chunked_causal_2048", "power_of_two_512",
                        "fixed_sparse_1024_128")
+  # "fwd": the output; "fwdbwd": jax.grad of <o, dO> (the standard measure); the linear
+  # family also takes "train": jax.value_and_grad, which must compute o as well.
   config.passes = ("fwd", "fwdbwd")
 
   # Timing: `warmup` untimed calls, then `reps` timed runs of `iters` calls each; the

@@ -354,6 +354,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  allowed = ("fwd", "fwdbwd", "train") if config.family == "linear" else ("fwd", "fwdbwd")
+  unknown = [p for p in config.passes if p not in allowed]
+  if unknown:
+    raise ValueError(f"config.passes: {unknown} not among {allowed} for the "
+                     f"{config.family!r} family")
   paths = [_OUT.value] if _OUT.value else []
   if os.environ.get("OUT"):
     paths.append(os.path.join(os.environ["OUT"], "results.jsonl"))
