@@ -27,7 +27,8 @@ is ``rowsum(P) - colsum(P)`` with ``P = dA * A`` over the strictly lower pairs (
 diagonal's exponent is 0): every term carries the decay of its own pair, so strong gates
 (-20 per token) lose nothing to cancellation.
 
-Kernels (one warpgroup per CTA, ``wgmma`` with float32 accumulators, TMA copies):
+Kernels (one warpgroup per CTA unless said, ``wgmma`` with float32 accumulators, TMA
+copies):
 
 * states, grid ``(K / 64 * V / 64, H, B)``: walks the chunks in order with a ``[64, 64]``
   block of the state in float32 registers (one product per chunk, the next chunk's k / v
@@ -125,10 +126,11 @@ def _walk_position(static):
           lax.axis_index("batch"))
 
 
-def _parallel(static, kernel, inputs, out_type, scratch, batch, heads):
-  """One CTA per (chunk, head, batch row), over the whole value dimension."""
+def _parallel(static, kernel, inputs, out_type, scratch, batch, heads, threads=None):
+  """One CTA per (chunk, head, batch row), over the whole value dimension (``threads``:
+  warpgroups per CTA, as in ``_launch``)."""
   return _launch(static, kernel, inputs, out_type, scratch,
-                 (static.num_chunks, heads, batch), ("chunk", "head", "batch"))
+                 (static.num_chunks, heads, batch), ("chunk", "head", "batch"), threads)
 
 
 def _chunk_position():
@@ -453,7 +455,7 @@ def grads_call(static, q, k, v, d_o, states, dstates, vec, dv_dtype=None):
   b, tp, heads, kd = q.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
   one = lambda shape, dt=dtype: tiles.swizzled(shape, dt)
-  dq, dk, dv, parts = _launch(
+  dq, dk, dv, parts = _parallel(
       static, _grads_kernel,
       dict(q=q, k=k, v=v, do=d_o, states=states, dstates=dstates, vec=vec),
       dict(dq=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
@@ -465,7 +467,7 @@ def grads_call(static, q, k, v, d_o, states, dstates, vec, dv_dtype=None):
        plgpu.SMEM((4, CHUNK), _F32), one((CHUNK, kd)), one((CHUNK, kd)), one((CHUNK, kd)),
        one((CHUNK, vd), dv_dtype or dtype), plgpu.SMEM((2, CHUNK), _F32),
        plgpu.SMEM((2, CHUNK), _F32), plgpu.Barrier(num_arrivals=8)),
-      (nc, heads, b), ("chunk", "head", "batch"), threads=2)
+      b, heads, threads=2)
   # parts rows: db (row half), d e^b, db (column half), d e^a.
   dvec = jnp.stack([parts[..., 0, :] + parts[..., 2, :], parts[..., 1, :],
                     parts[..., 3, :]], axis=-2)
