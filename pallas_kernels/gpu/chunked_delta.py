@@ -97,13 +97,13 @@ def _forward_walk_kernel(static, wide, refs, scratch):
   0.1 us each); one consumer warpgroup per 64-column value block carries its block of
   ``S`` in float32 registers and per chunk forms
 
-      d = P v + N S     o = scale (diag(e^b) q S + ((q k^T) * D) d)
+      d = P (v - diag(e^b) k S)     o = scale (diag(e^b) q S + ((q k^T) * D) d)
       S <- e^G S + (diag(e^a) k)^T d
 
-  (``P v`` does not depend on ``S``: it shares the first product's accumulator, so two
-  dependent products per chunk.)
+  (``N S = -P diag(e^b) k S``: ``N`` is not read, which saves a quarter of the walk's
+  memory traffic, at one more dependent product per chunk.)
   """
-  (q_s, k_s, n_s, v_s, pt_s, vec_s, vect_s, tot_s, h_s, d_s, dout_s, full,
+  (q_s, k_s, v_s, pt_s, vec_s, vect_s, tot_s, h_s, r_s, d_s, dout_s, full,
    free) = scratch
   interp, scale = static.interpret, static.scale
   nv = static.value_dim // BLOCK_V if wide else 1
@@ -118,7 +118,6 @@ def _forward_walk_kernel(static, wide, refs, scratch):
     slot = lax.rem(c, 2)
     rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
     base._copy_in([(refs["q"].at[rows], q_s.at[slot]), (refs["k"].at[rows], k_s.at[slot]),
-                   (refs["n"].at[rows], n_s.at[slot]),
                    (refs["pt"].at[batch, head, c], pt_s.at[slot]),
                    (refs["vec"].at[batch, head, c], vec_s.at[slot]),
                    (refs["vec"].at[batch, head, c], vect_s.at[slot]),
@@ -129,38 +128,46 @@ def _forward_walk_kernel(static, wide, refs, scratch):
   def consume(j):
     cols = vcols(j)
     # (``wg`` is ``j`` here: a constant index on these tiles fails to lower in a product)
-    hj_s, dj_s, doutj_s = (x.at[wg] for x in (h_s, d_s, dout_s))
+    hj_s, rj_s, dj_s, doutj_s = (x.at[wg] for x in (h_s, r_s, d_s, dout_s))
 
     def step(c, h):
       slot = lax.rem(c, 2)
       rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
-      plgpu.wait_smem_to_gmem(2, wait_read_only=True)   # the states copy of the last step
-      hj_s[...] = h.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(hj_s, refs["states"].at[batch, head, c, :, cols])
-      plgpu.barrier_wait(full.at[slot])
+      with jax.named_scope("fw_store"):
+        plgpu.wait_smem_to_gmem(2, wait_read_only=True)   # the last step's states copy
+        hj_s[...] = h.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(hj_s, refs["states"].at[batch, head, c, :, cols])
+      with jax.named_scope("fw_wait"):
+        plgpu.barrier_wait(full.at[slot])
       x = base._vectors(static, vec_s.at[slot], vect_s.at[slot], tot=tot_s.at[slot])
-      d, qs, scores = tiles.products([
-          ((CHUNK, BLOCK_V), [(pt_s.at[slot], v_s.at[slot * nv + wg], True, False),
-                              (n_s.at[slot], hj_s, False, False)]),
-          ((CHUNK, BLOCK_V), [(q_s.at[slot], hj_s, False, False)]),
-          ((CHUNK, CHUNK), [(q_s.at[slot], k_s.at[slot], False, True)])], interp)
-      plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the last step's d and o copies
-      dj_s[...] = d.astype(dtype)
-      doutj_s[...] = (d * tiles.rows(x["out_of"], d.shape)).astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(dj_s, refs["d"].at[rows + (cols,)])
-      decay, _ = base._pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"],
-                                  False)
-      a = (scores * decay * scale).astype(dtype)
-      o = qs * tiles.rows(x["into"] * scale, qs.shape)
-      h = h * tiles.rows(x["tot"], h.shape)
-      o, h = tiles.products([(o, [(a, dj_s, False, False)]),
-                             (h, [(k_s.at[slot], doutj_s, True, False)])], interp)
-      plgpu.barrier_arrive(free.at[slot])
-      doutj_s[...] = o.astype(dtype)                    # the output goes out through it
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(doutj_s, refs["o"].at[rows + (cols,)])
+      with jax.named_scope("fw_d"):
+        ks, qs, scores = tiles.products([
+            ((CHUNK, BLOCK_V), [(k_s.at[slot], hj_s, False, False)]),
+            ((CHUNK, BLOCK_V), [(q_s.at[slot], hj_s, False, False)]),
+            ((CHUNK, CHUNK), [(q_s.at[slot], k_s.at[slot], False, True)])], interp)
+        vv = tiles.load(v_s.at[slot * nv + wg], _TILE, interp).astype(_F32)
+        rj_s[...] = (vv - ks * tiles.rows(x["into"], ks.shape)).astype(dtype)
+        plgpu.commit_smem()
+        (d,) = tiles.products([((CHUNK, BLOCK_V), [(pt_s.at[slot], rj_s, True, False)])],
+                              interp)
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the last step's d and o copies
+        dj_s[...] = d.astype(dtype)
+        doutj_s[...] = (d * tiles.rows(x["out_of"], d.shape)).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dj_s, refs["d"].at[rows + (cols,)])
+      with jax.named_scope("fw_out"):
+        decay, _ = base._pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"],
+                                    False)
+        a = (scores * decay * scale).astype(dtype)
+        o = qs * tiles.rows(x["into"] * scale, qs.shape)
+        h = h * tiles.rows(x["tot"], h.shape)
+        o, h = tiles.products([(o, [(a, dj_s, False, False)]),
+                               (h, [(k_s.at[slot], doutj_s, True, False)])], interp)
+        plgpu.barrier_arrive(free.at[slot])
+        doutj_s[...] = o.astype(dtype)                    # the output goes out through it
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(doutj_s, refs["o"].at[rows + (cols,)])
       return h
 
     if wide and not interp:
@@ -180,7 +187,7 @@ def _forward_walk_kernel(static, wide, refs, scratch):
     tiles.produce_ring(load, nc, 2, (free,))
 
 
-def _forward(static, q, k, n, v, pt, vec, tot, h0):
+def _forward(static, q, k, v, pt, vec, tot, h0):
   """The forward walk (after the UT transform's launch)."""
   b, tp, heads, kd = q.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
@@ -192,16 +199,17 @@ def _forward(static, q, k, n, v, pt, vec, tot, h0):
       (vd // BLOCK_V, heads, b), ("vb", "head", "batch"))
   return base._launch(
       static, lambda st, refs, scratch: _forward_walk_kernel(st, wide, refs, scratch),
-      dict(q=q, k=k, n=n, v=v, pt=pt, vec=vec, tot=tot, h0=h0),
+      dict(q=q, k=k, v=v, pt=pt, vec=vec, tot=tot, h0=h0),
       dict(o=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
            states=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
            d=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
            final=jax.ShapeDtypeStruct((b, heads, kd, vd), _F32)),
-      (two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, kd)),
+      (two((CHUNK, kd)), two((CHUNK, kd)),
        tiles.swizzled((2 * nv, CHUNK, BLOCK_V), dtype), two((CHUNK, CHUNK)),
        plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, 4, CHUNK), _F32),
        plgpu.SMEM((2, kd), _F32), per((kd, BLOCK_V)), per((CHUNK, BLOCK_V)),
-       per((CHUNK, BLOCK_V)), plgpu.Barrier(num_arrivals=7 + nv, num_barriers=2),
+       per((CHUNK, BLOCK_V)), per((CHUNK, BLOCK_V)),
+       plgpu.Barrier(num_arrivals=6 + nv, num_barriers=2),
        plgpu.Barrier(num_arrivals=nv, num_barriers=2)),
       grid, names, threads=nv + 1)
 
@@ -210,13 +218,14 @@ def _forward(static, q, k, n, v, pt, vec, tot, h0):
 
 
 def _dstates_kernel(static, refs, scratch):
-  """The gradient of the state leaving every chunk and ``<S, dS>``, walking the chunks in
-  reverse, and the initial state's gradient; a producer warpgroup issues the copies into
-  a ring of two slots, as in the forward walk."""
-  (q_s, k_s, n_s, do_s, h_s, vec_s, vect_s, tot_s, dh_s, doin_s, dd_s, dtot_s, full,
+  """The gradient of the state leaving every chunk, walking the chunks in reverse, and the
+  initial state's gradient; a producer warpgroup issues the copies into a ring of two
+  slots, as in the forward walk. ``N^T dd = -k^T diag(e^b) P^T dd``: ``N`` is not read.
+  (``<S, dS>``, the gate's gradient, is formed by the gradient launch, which reads both.)"""
+  (q_s, k_s, pt_s, do_s, vec_s, vect_s, tot_s, dh_s, doin_s, dd_s, y_s, full,
    free) = scratch
   interp, scale = static.interpret, static.scale
-  cols, vb, head, batch = _walk_position()
+  cols, _, head, batch = _walk_position()
   dtype, nc = q_s.dtype, static.num_chunks
   wg = lax.axis_index("wg")
 
@@ -224,42 +233,46 @@ def _dstates_kernel(static, refs, scratch):
     c, slot = nc - 1 - i, lax.rem(i, 2)
     rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
     base._copy_in([(refs["q"].at[rows], q_s.at[slot]), (refs["k"].at[rows], k_s.at[slot]),
-                   (refs["n"].at[rows], n_s.at[slot]),
+                   (refs["pt"].at[batch, head, c], pt_s.at[slot]),
                    (refs["do"].at[rows + (cols,)], do_s.at[slot]),
-                   (refs["states"].at[batch, head, c, :, cols], h_s.at[slot]),
                    (refs["vec"].at[batch, head, c], vec_s.at[slot]),
                    (refs["vec"].at[batch, head, c], vect_s.at[slot]),
                    (refs["tot"].at[batch, head, c], tot_s.at[slot])], full.at[slot])
 
   def step(i, dh):
     c, slot = nc - 1 - i, lax.rem(i, 2)
-    plgpu.wait_smem_to_gmem(1, wait_read_only=True)    # the last step's dS copy
-    dh_s[...] = dh.astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dh_s, refs["dstates"].at[batch, head, c, :, cols])
-    plgpu.barrier_wait(full.at[slot])
+    with jax.named_scope("dS_store"):
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)    # the last step's dS copy
+      dh_s[...] = dh.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(dh_s, refs["dstates"].at[batch, head, c, :, cols])
+    with jax.named_scope("dS_wait"):
+      plgpu.barrier_wait(full.at[slot])
     x = base._vectors(static, vec_s.at[slot], vect_s.at[slot], tot=tot_s.at[slot])
-    do = tiles.load(do_s.at[slot], _TILE, interp).astype(_F32)
-    doin_s[...] = (do * tiles.rows(x["into"] * scale, do.shape)).astype(dtype)
-    plgpu.commit_smem()
-    kdh, scores_t = tiles.products([
-        ((CHUNK, BLOCK_V), [(k_s.at[slot], dh_s, False, False)]),
-        ((CHUNK, CHUNK), [(k_s.at[slot], q_s.at[slot], False, True)])], interp)
-    decay_t, _ = base._pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"],
-                                  True)
-    at = (scores_t * decay_t * scale).astype(dtype)
-    (dd,) = tiles.products([(kdh * tiles.rows(x["out_of"], kdh.shape),
-                             [(at, do_s.at[slot], False, False)])], interp)
-    dd_s[...] = dd.astype(dtype)
-    hh = tiles.load(h_s.at[slot], _TILE, interp).astype(_F32)
-    plgpu.wait_smem_to_gmem(1, wait_read_only=True)    # the last step's <S, dS> copy
-    dtot_s[...] = (hh * dh).sum(axis=1)     # d e^{G}, summed over value blocks outside
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dtot_s, refs["dtot"].at[vb, batch, head, c])
-    dh = dh * tiles.rows(x["tot"], dh.shape)
-    (dh,) = tiles.products([(dh, [(q_s.at[slot], doin_s, True, False),
-                                  (n_s.at[slot], dd_s, True, False)])], interp)
-    plgpu.barrier_arrive(free.at[slot])
+    with jax.named_scope("dS_dd"):
+      do = tiles.load(do_s.at[slot], _TILE, interp).astype(_F32)
+      doin_s[...] = (do * tiles.rows(x["into"] * scale, do.shape)).astype(dtype)
+      plgpu.commit_smem()
+      kdh, scores_t = tiles.products([
+          ((CHUNK, BLOCK_V), [(k_s.at[slot], dh_s, False, False)]),
+          ((CHUNK, CHUNK), [(k_s.at[slot], q_s.at[slot], False, True)])], interp)
+      decay_t, _ = base._pair_decay(static, x["b_row"], x["b_col"], x["d_row"], x["d_col"],
+                                    True)
+      at = (scores_t * decay_t * scale).astype(dtype)
+      (dd,) = tiles.products([(kdh * tiles.rows(x["out_of"], kdh.shape),
+                               [(at, do_s.at[slot], False, False)])], interp)
+      dd_s[...] = dd.astype(dtype)
+      plgpu.commit_smem()
+    with jax.named_scope("dS_y"):
+      (y,) = tiles.products([((CHUNK, BLOCK_V), [(pt_s.at[slot], dd_s, False, False)])],
+                            interp)                     # P^T dd
+      y_s[...] = (y * tiles.rows(-x["into"], y.shape)).astype(dtype)
+      plgpu.commit_smem()
+    with jax.named_scope("dS_next"):
+      dh = dh * tiles.rows(x["tot"], dh.shape)
+      (dh,) = tiles.products([(dh, [(q_s.at[slot], doin_s, True, False),
+                                    (k_s.at[slot], y_s, True, False)])], interp)
+      plgpu.barrier_arrive(free.at[slot])
     return dh
 
   @pl.when(wg == 0)
@@ -277,25 +290,24 @@ def _dstates_kernel(static, refs, scratch):
     tiles.produce_ring(load, nc, 2, (free,))
 
 
-def _backward_call(static, q, k, n, d_o, states, d, vec, tot, dfinal):
+def _backward_call(static, q, k, pt, d_o, states, d, vec, tot, dfinal):
   b, tp, heads, kd = q.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
   two = lambda shape, dt=dtype: tiles.swizzled((2,) + shape, dt)
   one = lambda shape, dt=dtype: tiles.swizzled(shape, dt)
-  dstates, dh0, dtot = base._launch(
+  dstates, dh0 = base._launch(
       static, _dstates_kernel,
-      dict(q=q, k=k, n=n, do=d_o, states=states, vec=vec, tot=tot, dfinal=dfinal),
+      dict(q=q, k=k, pt=pt, do=d_o, vec=vec, tot=tot, dfinal=dfinal),
       dict(dstates=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
-           dh0=jax.ShapeDtypeStruct((b, heads, kd, vd), _F32),
-           dtot=jax.ShapeDtypeStruct((vd // BLOCK_V, b, heads, nc, kd), _F32)),
-      (two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, BLOCK_V)),
-       two((kd, BLOCK_V)), plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, 4, CHUNK), _F32),
+           dh0=jax.ShapeDtypeStruct((b, heads, kd, vd), _F32)),
+      (two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, CHUNK)), two((CHUNK, BLOCK_V)),
+       plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, 4, CHUNK), _F32),
        plgpu.SMEM((2, kd), _F32), one((kd, BLOCK_V)), one((CHUNK, BLOCK_V)),
-       one((CHUNK, BLOCK_V)), plgpu.SMEM((kd,), _F32),
-       plgpu.Barrier(num_arrivals=8, num_barriers=2), plgpu.Barrier(num_barriers=2)),
+       one((CHUNK, BLOCK_V)), one((CHUNK, BLOCK_V)),
+       plgpu.Barrier(num_arrivals=7, num_barriers=2), plgpu.Barrier(num_barriers=2)),
       (vd // BLOCK_V, heads, b), ("vb", "head", "batch"), threads=2)
-  dq, dk, dd, dvec = base.grads_call(static, q, k, d, d_o, states, dstates, vec,
-                                     dv_dtype=_F32)
+  dq, dk, dd, dvec, dtot = base.grads_call(static, q, k, d, d_o, states, dstates, vec,
+                                           dv_dtype=_F32, with_dtot=True)
   return dq, dk, dd, dvec, dtot, dh0
 
 
@@ -305,19 +317,19 @@ _BTHD, _BH = (0, 2), (0, 1)
 
 
 def _forward_all(static, q, k, v, beta, vec, tot, h0):
-  n, pt, xt = ut.forward_call(static, k, beta, vec)
-  o, states, d, final = _forward(static, q, k, n, v, pt, vec, tot, h0)
-  return o, final, states, d, n, xt
+  pt, xt = ut.forward_call(static, k, beta, vec)
+  o, states, d, final = _forward(static, q, k, v, pt, vec, tot, h0)
+  return o, final, states, d, pt, xt
 
 
 def _fwd_impl(static, q, k, v, beta, vec, tot, h0):
   return base._shielded(static, functools.partial(_forward_all, static),
                         (q, k, v, beta, vec, base._tot_lanes(static, tot), h0),
-                        (_BTHD,) * 3 + (_BH,) * 4, (_BTHD, _BH, _BH, _BTHD, _BTHD, _BH))
+                        (_BTHD,) * 3 + (_BH,) * 4, (_BTHD, _BH, _BH, _BTHD, _BH, _BH))
 
 
-def _backward_all(static, q, k, v, beta, n, xt, d_o, states, d, vec, tot, dfinal):
-  dq, dk, dd, dvec, dtot, dh0 = _backward_call(static, q, k, n, d_o, states, d, vec, tot,
+def _backward_all(static, q, k, v, beta, pt, xt, d_o, states, d, vec, tot, dfinal):
+  dq, dk, dd, dvec, dtot, dh0 = _backward_call(static, q, k, pt, d_o, states, d, vec, tot,
                                                dfinal)
   dk, dv, dvec_ut = ut.backward_call(static, k, v, beta, vec, xt, dd, states, dk)
   return dq, dk, dv, dvec, dvec_ut, dtot, dh0
@@ -330,18 +342,18 @@ def _chunked(static, q, k, v, beta, vec, tot, h0):
 
 
 def _chunked_fwd(static, q, k, v, beta, vec, tot, h0):
-  o, final, states, d, n, xt = _fwd_impl(static, q, k, v, beta, vec, tot, h0)
-  return (o, final), (q, k, v, beta, vec, tot, states, d, n, xt)
+  o, final, states, d, pt, xt = _fwd_impl(static, q, k, v, beta, vec, tot, h0)
+  return (o, final), (q, k, v, beta, vec, tot, states, d, pt, xt)
 
 
 def _chunked_bwd(static, res, cotangents):
-  q, k, v, beta, vec, tot, states, d, n, xt = res
+  q, k, v, beta, vec, tot, states, d, pt, xt = res
   d_o, dfinal = cotangents
   dq, dk, dv, dvec, dvec_ut, dtot, dh0 = base._shielded(
       static, functools.partial(_backward_all, static),
-      (q, k, v, beta, n, xt, d_o.astype(q.dtype), states, d, vec,
+      (q, k, v, beta, pt, xt, d_o.astype(q.dtype), states, d, vec,
        base._tot_lanes(static, tot), dfinal.astype(_F32)),
-      (_BTHD,) * 3 + (_BH, _BTHD, _BH, _BTHD, _BH, _BTHD) + (_BH,) * 3,
+      (_BTHD,) * 3 + (_BH, _BH, _BH, _BTHD, _BH, _BTHD) + (_BH,) * 3,
       (_BTHD,) * 3 + (_BH, _BH, (1, 2), _BH))
   # vec rows: b, e^b (from the walks and the UT transform), e^a, document ids.
   dvec = jnp.stack([dvec[..., 0, :] + dvec_ut[..., 0, :], dvec[..., 1, :] + dvec_ut[..., 1, :],

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -105,9 +106,21 @@ def _launch(static, kernel, inputs, out_type, scratch, grid, grid_names, threads
   return plgpu.kernel(
       entry, out_type=tuple(out_type.values()), grid=grid, grid_names=grid_names,
       **(dict(num_threads=threads, thread_name="wg") if threads else {}),
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(approx_math=True, **_profiling(static)),
       interpret=_interpret.params() if static.interpret else None,
   )(*inputs.values())
+
+
+def _profiling(static):
+  """Mosaic GPU's in-kernel profiler, for ``experiments/profiling/region_times.py``:
+  with ``ATTNLAB_MGPU_PROFILE_DIR`` set, every compiled launch records the kernels'
+  ``jax.named_scope`` regions per warpgroup (room for ``ATTNLAB_MGPU_PROFILE_SPACE``
+  regions, default 256, in shared memory) and writes a trace there per call."""
+  where = os.environ.get("ATTNLAB_MGPU_PROFILE_DIR")
+  if not where or static.interpret:
+    return {}
+  return dict(profile_dir=where,
+              profile_space=int(os.environ.get("ATTNLAB_MGPU_PROFILE_SPACE", "256")))
 
 
 def _sequential(static, kernel, inputs, out_type, scratch, batch, heads):
@@ -353,9 +366,12 @@ def _grads_kernel(static, refs, scratch):
   """One chunk's gradients: dq, dk, dv and the gate factors' gradients, from the state
   entering the chunk and the gradient of the state leaving it. Two warpgroups share the
   chunk's tiles: the first forms dq (and its halves of the gate gradients), the second
-  dk and dv, at the same time (each alone is a chain of dependent products)."""
+  dk and dv, at the same time (each alone is a chain of dependent products). With a
+  ``dtot`` output the first also forms ``<S, dS>`` per key channel (the gradient of the
+  chunk's total gate factor ``e^G``, for the delta rules, whose state-gradient walk does
+  not read the states)."""
   (q_s, k_s, v_s, do_s, hc_s, dh_s, vec_s, vect_s, kout_s, kout2_s, dk_s, dv_s, dvec_s,
-   dvec2_s, bar) = scratch
+   dvec2_s, bar, *tot_s) = scratch
   interp, scale = static.interpret, static.scale
   c, head, batch = _chunk_position()
   wg = lax.axis_index("wg")
@@ -392,6 +408,14 @@ def _grads_kernel(static, refs, scratch):
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(kout_s, refs["dq"].at[rows])
     plgpu.copy_smem_to_gmem(dvec_s, refs["dvec"].at[batch, head, c, pl.ds(0, 2)])
+    if tot_s:
+      for r in range(static.key_dim // BLOCK_K):
+        block = pl.ds(r * BLOCK_K, BLOCK_K)
+        hh = tiles.load(hc_s.at[block], _TILE, interp).astype(_F32)
+        dh = tiles.load(dh_s.at[block], _TILE, interp).astype(_F32)
+        tot_s[0].at[block][...] = (hh * dh).sum(axis=1)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(tot_s[0], refs["dtot"].at[0, batch, head, c])
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == 1)
@@ -447,31 +471,36 @@ def dstates_call(static, q, d_o, states, vec, tot, dfinal):
        plgpu.Barrier()), b, heads)
 
 
-def grads_call(static, q, k, v, d_o, states, dstates, vec, dv_dtype=None):
+def grads_call(static, q, k, v, d_o, states, dstates, vec, dv_dtype=None, with_dtot=False):
   """The chunk-parallel gradient launch (also the delta rules' kernel, with ``v`` the
   chunks' corrected values); ``dv`` in ``dv_dtype`` (default: the input dtype). Returns
   dq, dk, dv and ``[B, H, T / C, 3, C]`` float32: the gradients of ``b``, ``e^b`` and
-  ``e^a``."""
+  ``e^a``; ``with_dtot``, also ``<S, dS>`` per key channel, ``[1, B, H, T / C, K]``
+  float32 (the layout of ``dstates_call``'s, with one value block)."""
   b, tp, heads, kd = q.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
   one = lambda shape, dt=dtype: tiles.swizzled(shape, dt)
-  dq, dk, dv, parts = _parallel(
+  outs = dict(dq=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
+              dk=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
+              dv=jax.ShapeDtypeStruct((b, tp, heads, vd), dv_dtype or dtype),
+              dvec=jax.ShapeDtypeStruct((b, heads, nc, 4, CHUNK), _F32))
+  if with_dtot:
+    outs["dtot"] = jax.ShapeDtypeStruct((1, b, heads, nc, kd), _F32)
+  results = _parallel(
       static, _grads_kernel,
-      dict(q=q, k=k, v=v, do=d_o, states=states, dstates=dstates, vec=vec),
-      dict(dq=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
-           dk=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
-           dv=jax.ShapeDtypeStruct((b, tp, heads, vd), dv_dtype or dtype),
-           dvec=jax.ShapeDtypeStruct((b, heads, nc, 4, CHUNK), _F32)),
+      dict(q=q, k=k, v=v, do=d_o, states=states, dstates=dstates, vec=vec), outs,
       (one((CHUNK, kd)), one((CHUNK, kd)), one((CHUNK, vd)), one((CHUNK, vd)),
        one((kd, vd)), one((kd, vd)), plgpu.SMEM((4, CHUNK), _F32),
        plgpu.SMEM((4, CHUNK), _F32), one((CHUNK, kd)), one((CHUNK, kd)), one((CHUNK, kd)),
        one((CHUNK, vd), dv_dtype or dtype), plgpu.SMEM((2, CHUNK), _F32),
-       plgpu.SMEM((2, CHUNK), _F32), plgpu.Barrier(num_arrivals=8)),
+       plgpu.SMEM((2, CHUNK), _F32), plgpu.Barrier(num_arrivals=8))
+      + ((plgpu.SMEM((kd,), _F32),) if with_dtot else ()),
       b, heads, threads=2)
+  dq, dk, dv, parts = results[:4]
   # parts rows: db (row half), d e^b, db (column half), d e^a.
   dvec = jnp.stack([parts[..., 0, :] + parts[..., 2, :], parts[..., 1, :],
                     parts[..., 3, :]], axis=-2)
-  return dq, dk, dv, dvec
+  return (dq, dk, dv, dvec) + tuple(results[4:])
 
 
 # -------------------------------------------------------------------------- wrappers

@@ -14,10 +14,10 @@ registers at once (15 steps; step ``j`` takes column ``16 i + j`` of each block 
 masked row sum and subtracts ``L_ts X[:, s]`` from the block's later columns, the rows of
 ``L^T`` read from shared memory), then two merges ``X <- X - X L_O^T X`` (``L_O``: the
 blocks just below the diagonal of each 32-token half, then the lower-left 32 x 32 block),
-the same arithmetic as a triangular solve done block by block. ``N`` is a product of
-``X`` with the 16-bit ``k``. Writes ``P^T`` in the input dtype (the forward walk forms
-``d = U + N S = P v + N S`` per chunk from it) and saves ``X`` (float32) for the
-backward.
+the same arithmetic as a triangular solve done block by block. Writes ``P^T`` in the
+input dtype (``N = -P diag(e^b) k``, so the walks form ``d = U + N S = P (v - diag(e^b)
+k S)`` per chunk from ``P`` and the keys they read anyway, and ``N`` never goes through
+memory) and saves ``X`` (float32) for the backward.
 
 Backward, from ``dU`` (float32) and the states ``S`` entering the chunks (``d = U + N S``
 in ``chunked_delta.py``, so ``dN = dU S^T``)::
@@ -186,7 +186,8 @@ def _forward_chunk(static, refs, c, head, batch, scratch):
 
     return lax.fori_loop(0, SUB - 1, substitute, jnp.where(r == col, 1.0, 0.0))
 
-  xt = pl.run_scoped(diagonal, plgpu.SMEM(_SQUARE, _F32))
+  with jax.named_scope("utf_diagonal"):
+    xt = pl.run_scoped(diagonal, plgpu.SMEM(_SQUARE, _F32))
 
   # Merges (block forward substitution): X <- X - X L_O^T X, with L_O the blocks just
   # below the diagonal of each 32-token half, then the lower-left 32 x 32 block.
@@ -200,32 +201,27 @@ def _forward_chunk(static, refs, c, head, batch, scratch):
       _store_split(static, w, whi_s, wlo_s)
       plgpu.commit_smem()
       xt_ = xt_ - _dot3(static, _split(static, xt_, dtype), (whi_s, wlo_s), _SQUARE)
-    # N = -T diag(beta e^b) k: X's rows scaled, transposed operand.
-    _store_split(static, xt_ * tiles.rows(-x["beta_row"] * x["into"], _SQUARE), whi_s,
-                 wlo_s)
-    plgpu.commit_smem()
-    n = _dot2(static, (whi_s, wlo_s), k_s, (CHUNK, static.key_dim), transpose_a=True)
-    return xt_, n
+    return xt_
 
   sq = tiles.swizzled(_SQUARE, dtype)
-  xt, n = pl.run_scoped(merge, sq, sq, sq, sq)
+  with jax.named_scope("utf_merges"):
+    xt = pl.run_scoped(merge, sq, sq, sq, sq)
 
-  def out_n(n_s, pt_s):
-    n_s[...] = n.astype(dtype)
+  def out_pt(pt_s):
     pt_s[...] = (xt * tiles.rows(x["beta_row"], _SQUARE)).astype(dtype)   # P^T
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(n_s, refs["n"].at[rows])
     plgpu.copy_smem_to_gmem(pt_s, refs["pt"].at[batch, head, c])
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  pl.run_scoped(out_n, tiles.swizzled((CHUNK, static.key_dim), dtype), sq)
-  base._stage_out(static, xt, refs["xt"].at[batch, head, c])
+  with jax.named_scope("utf_out"):
+    pl.run_scoped(out_pt, sq)
+    base._stage_out(static, xt, refs["xt"].at[batch, head, c])
 
 
 def forward_call(static, k, beta, vec):
-  """``N [B, T, H, K]`` and ``P^T = (T diag(beta))^T [B, H, T / C, C, C]`` in k's dtype
-  and ``X = T^T [B, H, T / C, C, C]`` float32 from ``k``, ``beta [B, H, T / C, C]``
-  float32 and the gate factors ``vec [B, H, T / C, 4, C]``."""
+  """``P^T = (T diag(beta))^T [B, H, T / C, C, C]`` in k's dtype and ``X = T^T [B, H,
+  T / C, C, C]`` float32 from ``k``, ``beta [B, H, T / C, C]`` float32 and the gate
+  factors ``vec [B, H, T / C, 4, C]``."""
   b, tp, heads, kd = k.shape
   nc, dtype = static.num_chunks, k.dtype
   square = jax.ShapeDtypeStruct((b, heads, nc, CHUNK, CHUNK), dtype)
@@ -234,7 +230,7 @@ def forward_call(static, k, beta, vec):
   return base._launch(
       static, lambda st, refs, scratch: _forward_kernel(st, cpc, refs, scratch),
       dict(k=k, vec=vec, beta=beta),
-      dict(n=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype), pt=square,
+      dict(pt=square,
            xt=jax.ShapeDtypeStruct((b, heads, nc, CHUNK, CHUNK), _F32)),
       (tiles.swizzled((2, CHUNK, kd), dtype), two((4, CHUNK)), two((4, CHUNK)),
        two((CHUNK,)), two((CHUNK,)), plgpu.Barrier(num_arrivals=5, num_barriers=2)),
