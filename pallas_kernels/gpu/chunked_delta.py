@@ -23,22 +23,27 @@ which is simple GLA's chunk (``chunked_linear.py``) with the values ``v`` replac
 corrections ``d``. So:
 
 * UT transform, grid ``(T / C / cpc, H, B)`` (``chunked_ut.py``, ``cpc`` chunks per CTA
-  with the next one's keys prefetched): ``P^T = (T diag(beta))^T`` and ``N`` (input dtype)
-  and ``X = (I + L)^{-T}`` (float32, saved for the backward) for every chunk at once, so
-  ``U = P v``. The gate factors ``e^b``, ``e^a``, ``e^G`` are shared with
-  ``chunked_linear.py`` (XLA, gradients by autodiff).
-* forward walk: a producer warpgroup copies each chunk's q, k, N, v, ``P^T`` into a ring
+  with the next one's keys prefetched): ``P^T = (T diag(beta))^T`` (input dtype) and
+  ``X = (I + L)^{-T}`` (float32, saved for the backward) for every chunk at once, so
+  ``U = P v`` and ``N = -P diag(e^b) k``: ``N`` is never written, the walks form
+  ``N S = -P (diag(e^b) k S)`` from the keys they read anyway (memory traffic bounds
+  these launches at the standard shapes). The gate factors ``e^b``, ``e^a``, ``e^G`` are
+  shared with ``chunked_linear.py`` (XLA, gradients by autodiff).
+* forward walk: a producer warpgroup copies each chunk's q, k, v, ``P^T`` into a ring
   of two slots; each consumer warpgroup carries ``S[:, 64 values]`` in float32 registers
-  and per chunk forms ``d = P v + N S`` (``P v`` shares the accumulator with ``N S``), the
-  output ``o = scale (diag(e^b) q S + ((q k^T) * D) d)`` and the state
-  update, saving the state entering every chunk and ``d`` (input dtype). Grid ``(H, B)``
-  with one consumer per value block when ``B H`` fills the GPU (q, k, N, P read once per
-  head), else ``(V / 64, H, B)`` with one consumer.
-* state gradients, grid ``(V / 64, H, B)``, a producer warpgroup as above: walks back with ``dS`` (the gradient of the
-  state leaving the chunk) in registers: ``dd = scale ((k q^T) * D^T) dO + diag(e^a) k dS``,
-  then ``dS <- e^{G} dS + scale q^T diag(e^b) dO + N^T dd``; saves ``dS`` and ``<S, dS>``.
+  and per chunk forms ``d = P (v - diag(e^b) k S)``, the output
+  ``o = scale (diag(e^b) q S + ((q k^T) * D) d)`` and the state update, saving the state
+  entering every chunk and ``d`` (input dtype). Grid ``(H, B)`` with one consumer per
+  value block when ``B H`` fills the GPU (q, k, P read once per head), else
+  ``(V / 64, H, B)`` with one consumer.
+* state gradients, grid ``(V / 64, H, B)``, a producer warpgroup as above: walks back
+  with ``dS`` (the gradient of the state leaving the chunk) in registers:
+  ``dd = scale ((k q^T) * D^T) dO + diag(e^a) k dS``, then
+  ``dS <- e^{G} dS + scale q^T diag(e^b) dO + N^T dd`` with
+  ``N^T dd = -k^T diag(e^b) (P^T dd)``; saves ``dS``.
 * gradients: ``chunked_linear.grads_call`` with ``v = d`` gives dq, dk, the gate factors'
-  gradients and ``dd`` (as "dv", float32: ``beta``'s gradient sums terms that cancel).
+  gradients, ``<S, dS>`` per chunk (the gradient of ``e^G``) and ``dd`` (as "dv",
+  float32: ``beta``'s gradient sums terms that cancel).
 * UT transform's gradient, grid ``(T / C, H, B)`` (``chunked_ut.py``): from ``dU = dd`` and
   ``dN = dd S^T``, the gradients of k (added to the walk's), v, ``beta``, ``b`` and ``e^b``.
 
