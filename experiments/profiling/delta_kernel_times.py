@@ -4,13 +4,15 @@ jax.profiler trace (run on the GPU machine).
     python3 experiments/profiling/delta_kernel_times.py TAG T...
 
 Environment: ONLYGATED=1 times the gated rule; WIDE=1 / WIDE=0 forces the forward walk's
-layout. Prints, per T and program, the launches of one call in order (us) and the sum.
+layout; READN=1 / READN=0 makes the walks read N or form N S from P. Prints, per T and program, the launches of one call in order (us) and the sum.
 Used for docs/runs/2026-11-24_h100_delta_fused_walk_kernels.txt."""
 import collections, glob, os, sys, tempfile
 import jax, jax.numpy as jnp
 from pallas_kernels.gpu import chunked_delta as cd
 if os.environ.get("WIDE") in ("0", "1") and hasattr(cd, "WIDE_WALK"):
   cd.WIDE_WALK = os.environ["WIDE"] == "1"
+if os.environ.get("READN") in ("0", "1") and hasattr(cd, "READ_N"):
+  cd.READ_N = os.environ["READN"] == "1"
 tag = sys.argv[1]
 H, D, tokens = 16, 128, 16384
 name = "gated" if os.environ.get("ONLYGATED") else "delta"

@@ -89,6 +89,19 @@ WIDE_WALK_MIN_HEADS = 128
 WIDE_WALK = None
 
 
+# The walks read N (written by the UT forward) when they run fewer CTAs than this, so that
+# each chunk's chain is one product shorter; with more CTAs they are bound by memory
+# traffic and form N S from P and the keys instead. ``True`` / ``False`` force one way.
+READ_N_BELOW_CTAS = 66
+READ_N = None
+
+
+def _reads_n(static, batch, heads):
+  if READ_N is not None:
+    return bool(READ_N)
+  return (static.value_dim // BLOCK_V) * heads * batch < READ_N_BELOW_CTAS
+
+
 def _wide(static, batch, heads):
   if WIDE_WALK is not None:
     return bool(WIDE_WALK) and static.value_dim > BLOCK_V
@@ -106,10 +119,11 @@ def _forward_walk_kernel(static, wide, refs, scratch):
       S <- e^G S + (diag(e^a) k)^T d
 
   (``N S = -P diag(e^b) k S``: ``N`` is not read, which saves a quarter of the walk's
-  memory traffic, at one more dependent product per chunk.)
+  memory traffic, at one more dependent product per chunk. With an ``n`` input, for
+  launches too small to be bound by traffic, ``d = P v + N S`` in one round instead.)
   """
   (q_s, k_s, v_s, pt_s, vec_s, vect_s, tot_s, h_s, r_s, d_s, dout_s, full,
-   free) = scratch
+   free, *n_s) = scratch
   interp, scale = static.interpret, static.scale
   nv = static.value_dim // BLOCK_V if wide else 1
   head, batch = lax.axis_index("head"), lax.axis_index("batch")
@@ -128,7 +142,8 @@ def _forward_walk_kernel(static, wide, refs, scratch):
                    (refs["vec"].at[batch, head, c], vect_s.at[slot]),
                    (refs["tot"].at[batch, head, c], tot_s.at[slot])]
                   + [(refs["v"].at[rows + (vcols(j),)], v_s.at[slot * nv + j])
-                     for j in range(nv)], full.at[slot])
+                     for j in range(nv)]
+                  + ([(refs["n"].at[rows], n_s[0].at[slot])] if n_s else []), full.at[slot])
 
   def consume(j):
     cols = vcols(j)
@@ -147,15 +162,22 @@ def _forward_walk_kernel(static, wide, refs, scratch):
         plgpu.barrier_wait(full.at[slot])
       x = base._vectors(static, vec_s.at[slot], vect_s.at[slot], tot=tot_s.at[slot])
       with jax.named_scope("fw_d"):
-        ks, qs, scores = tiles.products([
-            ((CHUNK, BLOCK_V), [(k_s.at[slot], hj_s, False, False)]),
-            ((CHUNK, BLOCK_V), [(q_s.at[slot], hj_s, False, False)]),
-            ((CHUNK, CHUNK), [(q_s.at[slot], k_s.at[slot], False, True)])], interp)
-        vv = tiles.load(v_s.at[slot * nv + wg], _TILE, interp).astype(_F32)
-        rj_s[...] = (vv - ks * tiles.rows(x["into"], ks.shape)).astype(dtype)
-        plgpu.commit_smem()
-        (d,) = tiles.products([((CHUNK, BLOCK_V), [(pt_s.at[slot], rj_s, True, False)])],
-                              interp)
+        if n_s:
+          d, qs, scores = tiles.products([
+              ((CHUNK, BLOCK_V), [(pt_s.at[slot], v_s.at[slot * nv + wg], True, False),
+                                  (n_s[0].at[slot], hj_s, False, False)]),
+              ((CHUNK, BLOCK_V), [(q_s.at[slot], hj_s, False, False)]),
+              ((CHUNK, CHUNK), [(q_s.at[slot], k_s.at[slot], False, True)])], interp)
+        else:
+          ks, qs, scores = tiles.products([
+              ((CHUNK, BLOCK_V), [(k_s.at[slot], hj_s, False, False)]),
+              ((CHUNK, BLOCK_V), [(q_s.at[slot], hj_s, False, False)]),
+              ((CHUNK, CHUNK), [(q_s.at[slot], k_s.at[slot], False, True)])], interp)
+          vv = tiles.load(v_s.at[slot * nv + wg], _TILE, interp).astype(_F32)
+          rj_s[...] = (vv - ks * tiles.rows(x["into"], ks.shape)).astype(dtype)
+          plgpu.commit_smem()
+          (d,) = tiles.products(
+              [((CHUNK, BLOCK_V), [(pt_s.at[slot], rj_s, True, False)])], interp)
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # the last step's d and o copies
         dj_s[...] = d.astype(dtype)
         doutj_s[...] = (d * tiles.rows(x["out_of"], d.shape)).astype(dtype)
@@ -192,8 +214,8 @@ def _forward_walk_kernel(static, wide, refs, scratch):
     tiles.produce_ring(load, nc, 2, (free,))
 
 
-def _forward(static, q, k, v, pt, vec, tot, h0):
-  """The forward walk (after the UT transform's launch)."""
+def _forward(static, q, k, v, pt, vec, tot, h0, n=None):
+  """The forward walk (after the UT transform's launch; ``n``: read N)."""
   b, tp, heads, kd = q.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
   wide = _wide(static, b, heads)
@@ -204,7 +226,7 @@ def _forward(static, q, k, v, pt, vec, tot, h0):
       (vd // BLOCK_V, heads, b), ("vb", "head", "batch"))
   return base._launch(
       static, lambda st, refs, scratch: _forward_walk_kernel(st, wide, refs, scratch),
-      dict(q=q, k=k, v=v, pt=pt, vec=vec, tot=tot, h0=h0),
+      dict(q=q, k=k, v=v, pt=pt, vec=vec, tot=tot, h0=h0, **({} if n is None else {"n": n})),
       dict(o=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
            states=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
            d=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
@@ -214,8 +236,9 @@ def _forward(static, q, k, v, pt, vec, tot, h0):
        plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, 4, CHUNK), _F32),
        plgpu.SMEM((2, kd), _F32), per((kd, BLOCK_V)), per((CHUNK, BLOCK_V)),
        per((CHUNK, BLOCK_V)), per((CHUNK, BLOCK_V)),
-       plgpu.Barrier(num_arrivals=6 + nv, num_barriers=2),
-       plgpu.Barrier(num_arrivals=nv, num_barriers=2)),
+       plgpu.Barrier(num_arrivals=6 + nv + (n is not None), num_barriers=2),
+       plgpu.Barrier(num_arrivals=nv, num_barriers=2))
+      + (() if n is None else (two((CHUNK, kd)),)),
       grid, names, threads=nv + 1)
 
 
@@ -228,7 +251,7 @@ def _dstates_kernel(static, refs, scratch):
   slots, as in the forward walk. ``N^T dd = -k^T diag(e^b) P^T dd``: ``N`` is not read.
   (``<S, dS>``, the gate's gradient, is formed by the gradient launch, which reads both.)"""
   (q_s, k_s, pt_s, do_s, vec_s, vect_s, tot_s, dh_s, doin_s, dd_s, y_s, full,
-   free) = scratch
+   free, *n_s) = scratch
   interp, scale = static.interpret, static.scale
   cols, _, head, batch = _walk_position()
   dtype, nc = q_s.dtype, static.num_chunks
@@ -242,7 +265,8 @@ def _dstates_kernel(static, refs, scratch):
                    (refs["do"].at[rows + (cols,)], do_s.at[slot]),
                    (refs["vec"].at[batch, head, c], vec_s.at[slot]),
                    (refs["vec"].at[batch, head, c], vect_s.at[slot]),
-                   (refs["tot"].at[batch, head, c], tot_s.at[slot])], full.at[slot])
+                   (refs["tot"].at[batch, head, c], tot_s.at[slot])]
+                  + ([(refs["n"].at[rows], n_s[0].at[slot])] if n_s else []), full.at[slot])
 
   def step(i, dh):
     c, slot = nc - 1 - i, lax.rem(i, 2)
@@ -268,15 +292,18 @@ def _dstates_kernel(static, refs, scratch):
                                [(at, do_s.at[slot], False, False)])], interp)
       dd_s[...] = dd.astype(dtype)
       plgpu.commit_smem()
-    with jax.named_scope("dS_y"):
-      (y,) = tiles.products([((CHUNK, BLOCK_V), [(pt_s.at[slot], dd_s, False, False)])],
-                            interp)                     # P^T dd
-      y_s[...] = (y * tiles.rows(-x["into"], y.shape)).astype(dtype)
-      plgpu.commit_smem()
+    if n_s:                                             # N^T dd read from N
+      nt_dd = (n_s[0].at[slot], dd_s, True, False)
+    else:                                               # -k^T diag(e^b) (P^T dd)
+      with jax.named_scope("dS_y"):
+        (y,) = tiles.products([((CHUNK, BLOCK_V), [(pt_s.at[slot], dd_s, False, False)])],
+                              interp)
+        y_s[...] = (y * tiles.rows(-x["into"], y.shape)).astype(dtype)
+        plgpu.commit_smem()
+      nt_dd = (k_s.at[slot], y_s, True, False)
     with jax.named_scope("dS_next"):
       dh = dh * tiles.rows(x["tot"], dh.shape)
-      (dh,) = tiles.products([(dh, [(q_s.at[slot], doin_s, True, False),
-                                    (k_s.at[slot], y_s, True, False)])], interp)
+      (dh,) = tiles.products([(dh, [(q_s.at[slot], doin_s, True, False), nt_dd])], interp)
       plgpu.barrier_arrive(free.at[slot])
     return dh
 
@@ -295,21 +322,23 @@ def _dstates_kernel(static, refs, scratch):
     tiles.produce_ring(load, nc, 2, (free,))
 
 
-def _backward_call(static, q, k, pt, d_o, states, d, vec, tot, dfinal):
+def _backward_call(static, q, k, pt, d_o, states, d, vec, tot, dfinal, n=None):
   b, tp, heads, kd = q.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
   two = lambda shape, dt=dtype: tiles.swizzled((2,) + shape, dt)
   one = lambda shape, dt=dtype: tiles.swizzled(shape, dt)
   dstates, dh0 = base._launch(
       static, _dstates_kernel,
-      dict(q=q, k=k, pt=pt, do=d_o, vec=vec, tot=tot, dfinal=dfinal),
+      dict(q=q, k=k, pt=pt, do=d_o, vec=vec, tot=tot, dfinal=dfinal,
+           **({} if n is None else {"n": n})),
       dict(dstates=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
            dh0=jax.ShapeDtypeStruct((b, heads, kd, vd), _F32)),
       (two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, CHUNK)), two((CHUNK, BLOCK_V)),
        plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, 4, CHUNK), _F32),
        plgpu.SMEM((2, kd), _F32), one((kd, BLOCK_V)), one((CHUNK, BLOCK_V)),
        one((CHUNK, BLOCK_V)), one((CHUNK, BLOCK_V)),
-       plgpu.Barrier(num_arrivals=7, num_barriers=2), plgpu.Barrier(num_barriers=2)),
+       plgpu.Barrier(num_arrivals=7 + (n is not None), num_barriers=2),
+       plgpu.Barrier(num_barriers=2)) + (() if n is None else (two((CHUNK, kd)),)),
       (vd // BLOCK_V, heads, b), ("vb", "head", "batch"), threads=2)
   dq, dk, dd, dvec, dtot = base.grads_call(static, q, k, d, d_o, states, dstates, vec,
                                            dv_dtype=_F32, with_dtot=True)
@@ -321,44 +350,45 @@ def _backward_call(static, q, k, pt, d_o, states, d, vec, tot, dfinal):
 _BTHD, _BH = (0, 2), (0, 1)
 
 
-def _forward_all(static, q, k, v, beta, vec, tot, h0):
-  pt, xt = ut.forward_call(static, k, beta, vec)
-  o, states, d, final = _forward(static, q, k, v, pt, vec, tot, h0)
-  return o, final, states, d, pt, xt
+def _forward_all(static, read_n, q, k, v, beta, vec, tot, h0):
+  pt, xt, *n = ut.forward_call(static, k, beta, vec, with_n=read_n)
+  o, states, d, final = _forward(static, q, k, v, pt, vec, tot, h0, *n)
+  return (o, final, states, d, pt, xt, *n)
 
 
-def _fwd_impl(static, q, k, v, beta, vec, tot, h0):
-  return base._shielded(static, functools.partial(_forward_all, static),
+def _fwd_impl(static, read_n, q, k, v, beta, vec, tot, h0):
+  return base._shielded(static, functools.partial(_forward_all, static, read_n),
                         (q, k, v, beta, vec, base._tot_lanes(static, tot), h0),
-                        (_BTHD,) * 3 + (_BH,) * 4, (_BTHD, _BH, _BH, _BTHD, _BH, _BH))
+                        (_BTHD,) * 3 + (_BH,) * 4,
+                        (_BTHD, _BH, _BH, _BTHD, _BH, _BH) + (_BTHD,) * read_n)
 
 
-def _backward_all(static, q, k, v, beta, pt, xt, d_o, states, d, vec, tot, dfinal):
+def _backward_all(static, q, k, v, beta, pt, xt, d_o, states, d, vec, tot, dfinal, *n):
   dq, dk, dd, dvec, dtot, dh0 = _backward_call(static, q, k, pt, d_o, states, d, vec, tot,
-                                               dfinal)
+                                               dfinal, *n)
   dk, dv, dvec_ut = ut.backward_call(static, k, v, beta, vec, xt, dd, states, dk)
   return dq, dk, dv, dvec, dvec_ut, dtot, dh0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked(static, q, k, v, beta, vec, tot, h0):
-  o, final = _fwd_impl(static, q, k, v, beta, vec, tot, h0)[:2]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked(static, read_n, q, k, v, beta, vec, tot, h0):
+  o, final = _fwd_impl(static, read_n, q, k, v, beta, vec, tot, h0)[:2]
   return o, final
 
 
-def _chunked_fwd(static, q, k, v, beta, vec, tot, h0):
-  o, final, states, d, pt, xt = _fwd_impl(static, q, k, v, beta, vec, tot, h0)
-  return (o, final), (q, k, v, beta, vec, tot, states, d, pt, xt)
+def _chunked_fwd(static, read_n, q, k, v, beta, vec, tot, h0):
+  o, final, states, d, pt, xt, *n = _fwd_impl(static, read_n, q, k, v, beta, vec, tot, h0)
+  return (o, final), (q, k, v, beta, vec, tot, states, d, pt, xt, *n)
 
 
-def _chunked_bwd(static, res, cotangents):
-  q, k, v, beta, vec, tot, states, d, pt, xt = res
+def _chunked_bwd(static, read_n, res, cotangents):
+  q, k, v, beta, vec, tot, states, d, pt, xt, *n = res
   d_o, dfinal = cotangents
   dq, dk, dv, dvec, dvec_ut, dtot, dh0 = base._shielded(
       static, functools.partial(_backward_all, static),
       (q, k, v, beta, pt, xt, d_o.astype(q.dtype), states, d, vec,
-       base._tot_lanes(static, tot), dfinal.astype(_F32)),
-      (_BTHD,) * 3 + (_BH, _BH, _BH, _BTHD, _BH, _BTHD) + (_BH,) * 3,
+       base._tot_lanes(static, tot), dfinal.astype(_F32), *n),
+      (_BTHD,) * 3 + (_BH, _BH, _BH, _BTHD, _BH, _BTHD) + (_BH,) * 3 + (_BTHD,) * read_n,
       (_BTHD,) * 3 + (_BH, _BH, (1, 2), _BH))
   # vec rows: b, e^b (from the walks and the UT transform), e^a, document ids.
   dvec = jnp.stack([dvec[..., 0, :] + dvec_ut[..., 0, :], dvec[..., 1, :] + dvec_ut[..., 1, :],
@@ -400,7 +430,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale, initial_state=None,
   h0 = (jnp.zeros((batch, heads, kd, vd), _F32) if initial_state is None
         else initial_state.astype(_F32))
   static = base._Static(float(scale), nc, kd, vd, bool(interpret))
-  o, final = _chunked(static, q, k, v, beta, vec, tot, h0)
+  o, final = _chunked(static, _reads_n(static, batch, heads), q, k, v, beta, vec, tot, h0)
   o = o[:, :length] if pad else o
   return o, (final if output_final_state else None)
 

@@ -201,11 +201,27 @@ def _forward_chunk(static, refs, c, head, batch, scratch):
       _store_split(static, w, whi_s, wlo_s)
       plgpu.commit_smem()
       xt_ = xt_ - _dot3(static, _split(static, xt_, dtype), (whi_s, wlo_s), _SQUARE)
-    return xt_
+    if "n" not in refs:
+      return xt_, None
+    # N = -T diag(beta e^b) k: X's rows scaled, transposed operand.
+    _store_split(static, xt_ * tiles.rows(-x["beta_row"] * x["into"], _SQUARE), whi_s,
+                 wlo_s)
+    plgpu.commit_smem()
+    return xt_, _dot2(static, (whi_s, wlo_s), k_s, (CHUNK, static.key_dim),
+                      transpose_a=True)
 
   sq = tiles.swizzled(_SQUARE, dtype)
   with jax.named_scope("utf_merges"):
-    xt = pl.run_scoped(merge, sq, sq, sq, sq)
+    xt, n = pl.run_scoped(merge, sq, sq, sq, sq)
+
+  if n is not None:
+    def out_n(n_s):
+      n_s[...] = n.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(n_s, refs["n"].at[rows])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    pl.run_scoped(out_n, tiles.swizzled((CHUNK, static.key_dim), dtype))
 
   def out_pt(pt_s):
     pt_s[...] = (xt * tiles.rows(x["beta_row"], _SQUARE)).astype(dtype)   # P^T
@@ -218,10 +234,11 @@ def _forward_chunk(static, refs, c, head, batch, scratch):
     base._stage_out(static, xt, refs["xt"].at[batch, head, c])
 
 
-def forward_call(static, k, beta, vec):
+def forward_call(static, k, beta, vec, with_n=False):
   """``P^T = (T diag(beta))^T [B, H, T / C, C, C]`` in k's dtype and ``X = T^T [B, H,
   T / C, C, C]`` float32 from ``k``, ``beta [B, H, T / C, C]`` float32 and the gate
-  factors ``vec [B, H, T / C, 4, C]``."""
+  factors ``vec [B, H, T / C, 4, C]``; ``with_n``, also ``N = -T diag(beta e^b) k
+  [B, T, H, K]`` in k's dtype."""
   b, tp, heads, kd = k.shape
   nc, dtype = static.num_chunks, k.dtype
   square = jax.ShapeDtypeStruct((b, heads, nc, CHUNK, CHUNK), dtype)
@@ -230,8 +247,8 @@ def forward_call(static, k, beta, vec):
   return base._launch(
       static, lambda st, refs, scratch: _forward_kernel(st, cpc, refs, scratch),
       dict(k=k, vec=vec, beta=beta),
-      dict(pt=square,
-           xt=jax.ShapeDtypeStruct((b, heads, nc, CHUNK, CHUNK), _F32)),
+      dict(pt=square, xt=jax.ShapeDtypeStruct((b, heads, nc, CHUNK, CHUNK), _F32),
+           **({"n": jax.ShapeDtypeStruct((b, tp, heads, kd), dtype)} if with_n else {})),
       (tiles.swizzled((2, CHUNK, kd), dtype), two((4, CHUNK)), two((4, CHUNK)),
        two((CHUNK,)), two((CHUNK,)), plgpu.Barrier(num_arrivals=5, num_barriers=2)),
       (nc // cpc, heads, b), ("chunk", "head", "batch"))

@@ -30,6 +30,7 @@ from tests.pallas_kernels.gpu.test_chunked_linear import check as base_check
 class DeltaCase(Case):
   gated: bool = True
   wide_walk: bool | None = None   # the forward walk's layout (None: chosen by shape)
+  read_n: bool | None = None      # the walks read N or form N S from P (None: by shape)
 
 
 def _inputs(case: DeltaCase, rng):
@@ -47,22 +48,28 @@ def check(case, rng, interpret):
   def reference(q, k, v, g=None, beta=None, **options):
     return oracle.gated_delta_rule(q, k, v, g, beta, **options)
 
-  saved, cd.WIDE_WALK = cd.WIDE_WALK, case.wide_walk
+  saved = cd.WIDE_WALK, cd.READ_N
+  cd.WIDE_WALK, cd.READ_N = case.wide_walk, case.read_n
   try:
     return base_check(case, rng, interpret, inputs=_inputs, reference=reference,
                       op=cd.gated_delta_rule if case.gated else cd.delta_rule)
   finally:
-    cd.WIDE_WALK = saved
+    cd.WIDE_WALK, cd.READ_N = saved
 
 
 INTERPRETED_CASES = [
-    # Two chunks, padding, two value blocks, documents (one start on the chunk edge).
+    # Two chunks, padding, two value blocks, documents (one start on the chunk edge); the
+    # walks read N (few CTAs).
     DeltaCase("T100_V128_docs_init", 100, value_dim=128, documents=True),
-    # The same with both value blocks in one forward-walk CTA (two consumer warpgroups).
-    DeltaCase("T100_V128_docs_init_wide", 100, value_dim=128, documents=True,
-              wide_walk=True),
-    # K = 128 != V; gates of exactly -20: e^{G} underflows, decay gradients are ~e^-20.
+    # The same with both value blocks in one forward-walk CTA (two consumer warpgroups),
+    # the walks forming N S from P and the keys.
+    DeltaCase("T100_V128_docs_init_wide_fromP", 100, value_dim=128, documents=True,
+              wide_walk=True, read_n=False),
+    # K = 128 != V; gates of exactly -20: e^{G} underflows, decay gradients are ~e^-20;
+    # both ways of forming N S.
     DeltaCase("T70_K128_g-20_exact", 70, key_dim=128, strength=20.0, exact_gates=True),
+    DeltaCase("T70_K128_g-20_exact_fromP", 70, key_dim=128, strength=20.0,
+              exact_gates=True, read_n=False),
 ]
 
 
@@ -77,10 +84,17 @@ GPU_CASES = INTERPRETED_CASES + [
     DeltaCase("T70_K128_delta_on_gpu", 70, key_dim=128, gated=False),
     DeltaCase("T1000_K128_V128_docs_init_on_gpu", 1000, key_dim=128, value_dim=128,
               documents=True, batch=2, heads=3),
+    DeltaCase("T1000_K128_V128_docs_init_fromP_on_gpu", 1000, key_dim=128, value_dim=128,
+              documents=True, batch=2, heads=3, read_n=False),
     DeltaCase("T1000_K128_V128_docs_init_wide_on_gpu", 1000, key_dim=128, value_dim=128,
               documents=True, batch=2, heads=3, wide_walk=True),
+    DeltaCase("T1000_K128_V128_docs_init_wide_fromP_on_gpu", 1000, key_dim=128,
+              value_dim=128, documents=True, batch=2, heads=3, wide_walk=True,
+              read_n=False),
     DeltaCase("T257_K128_V64_delta_on_gpu", 257, key_dim=128, gated=False,
               initial_state=False),
+    DeltaCase("T257_K128_V64_delta_fromP_on_gpu", 257, key_dim=128, gated=False,
+              initial_state=False, read_n=False),
     DeltaCase("T130_g-10_f16_on_gpu", 130, strength=10.0, documents=True, dtype=jnp.float16,
               heads=2),
 ]

@@ -26,7 +26,7 @@ from tests.pallas_kernels.gpu.test_chunked_linear import gpu_only, interpreted
 
 C = ut.CHUNK
 # float32 results from products of 16-bit halves (>= 16 significant bits) and float32
-# substitution; P^T, dv and dk are rounded to the input dtype (bfloat16: 8 bits, ~2e-3
+# substitution; N, P^T, dv and dk are rounded to the input dtype (bfloat16: 8 bits, ~2e-3
 # relative; float16: 11 bits, ~3e-4).
 F32_TOL = 1e-4
 ROUNDED_TOL = {jnp.bfloat16: 5e-3, jnp.float16: 1e-3}
@@ -72,6 +72,11 @@ def _oracle(k, v, beta, b, into, doc, states, du):
   return jnp.swapaxes(p, -1, -2), n, jnp.swapaxes(t, -1, -2), loss
 
 
+def _back(x):   # [B, H, NC, C, D] -> [B, T, H, D]
+  batch, heads, nc, _, d = x.shape
+  return np.asarray(x).transpose(0, 2, 3, 1, 4).reshape(batch, nc * C, heads, d)
+
+
 SHAPES = [(64, 128, jnp.bfloat16), (128, 64, jnp.float16)]   # (K, V, dtype)
 
 
@@ -89,18 +94,18 @@ def test_ut_transform_and_gradients_match_float64(interpret, kd, vd, dtype, rng,
   dk_in = jnp.asarray(rng.standard_normal(k.shape), dtype)   # k's gradient so far
 
   def kernels(k, v, beta, vec, states, du, dk_in):
-    pt, xt = ut.forward_call(static, k, beta, vec)
-    return (pt, xt) + tuple(ut.backward_call(static, k, v, beta, vec, xt, du, states,
+    pt, xt, n = ut.forward_call(static, k, beta, vec, with_n=True)
+    return (pt, xt, n) + tuple(ut.backward_call(static, k, v, beta, vec, xt, du, states,
                                                dk_in))
 
   run = kernels if interpret else jax.jit(kernels)
-  pt, xt, dk, dv, dvec = run(k, v, beta, vec, states, du, dk_in)
+  pt, xt, n, dk, dv, dvec = run(k, v, beta, vec, states, du, dk_in)
 
   with jax.enable_x64():
     f64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
     args = [f64(x) for x in (k, v, beta, vec[..., 0, :], vec[..., 1, :])]
     fixed = dict(doc=np.asarray(vec[..., 3, :]), states=f64(states), du=f64(du))
-    ref_pt, _, ref_xt, _ = _oracle(*args, **fixed)
+    ref_pt, ref_n, ref_xt, _ = _oracle(*args, **fixed)
     grads = jax.grad(lambda *a: _oracle(*a, **fixed)[3], argnums=range(5))(*args)
     errors = {"X": rel_err(np.asarray(xt, np.float64), np.asarray(ref_xt)),
               "db": rel_err(np.asarray(dvec[..., 0, :], np.float64), np.asarray(grads[3])),
@@ -108,7 +113,8 @@ def test_ut_transform_and_gradients_match_float64(interpret, kd, vd, dtype, rng,
                                np.asarray(grads[4])),
               "dbeta": rel_err(np.asarray(dvec[..., 2, :], np.float64),
                                np.asarray(grads[2]))}
-    rounded = {"P^T": rel_err(np.asarray(pt, np.float64), np.asarray(ref_pt)),
+    rounded = {"N": rel_err(np.asarray(n, np.float64), _back(ref_n)),
+               "P^T": rel_err(np.asarray(pt, np.float64), np.asarray(ref_pt)),
                "dv": rel_err(np.asarray(dv, np.float64), np.asarray(grads[1])),
                "dk": rel_err(np.asarray(dk, np.float64),
                              np.asarray(grads[0]) + np.asarray(dk_in, np.float64))}
