@@ -89,14 +89,19 @@ WIDE_WALK_MIN_HEADS = 128
 WIDE_WALK = None
 
 
-# The walks read N (written by the UT forward) when they run fewer CTAs than this, so that
-# each chunk's chain is one product shorter; with more CTAs they are bound by memory
-# traffic and form N S from P and the keys instead. ``True`` / ``False`` force one way.
+# The forward walk reads N (written by the UT forward) when it runs fewer CTAs than this,
+# so that each chunk's chain is one product shorter (B = 1, T = 16384: 460 against 575 us
+# on an H100); with more CTAs it is bound by memory traffic and forms N S from P and the
+# keys instead. ``True`` / ``False`` force one way (not with the wide layout, whose shared
+# memory has no room for N). The state-gradient walk always forms N^T dd from P (as fast
+# at B = 1, faster at B = 4).
 READ_N_BELOW_CTAS = 66
 READ_N = None
 
 
 def _reads_n(static, batch, heads):
+  if _wide(static, batch, heads):
+    return False
   if READ_N is not None:
     return bool(READ_N)
   return (static.value_dim // BLOCK_V) * heads * batch < READ_N_BELOW_CTAS
@@ -251,7 +256,7 @@ def _dstates_kernel(static, refs, scratch):
   slots, as in the forward walk. ``N^T dd = -k^T diag(e^b) P^T dd``: ``N`` is not read.
   (``<S, dS>``, the gate's gradient, is formed by the gradient launch, which reads both.)"""
   (q_s, k_s, pt_s, do_s, vec_s, vect_s, tot_s, dh_s, doin_s, dd_s, y_s, full,
-   free, *n_s) = scratch
+   free) = scratch
   interp, scale = static.interpret, static.scale
   cols, _, head, batch = _walk_position()
   dtype, nc = q_s.dtype, static.num_chunks
@@ -265,8 +270,7 @@ def _dstates_kernel(static, refs, scratch):
                    (refs["do"].at[rows + (cols,)], do_s.at[slot]),
                    (refs["vec"].at[batch, head, c], vec_s.at[slot]),
                    (refs["vec"].at[batch, head, c], vect_s.at[slot]),
-                   (refs["tot"].at[batch, head, c], tot_s.at[slot])]
-                  + ([(refs["n"].at[rows], n_s[0].at[slot])] if n_s else []), full.at[slot])
+                   (refs["tot"].at[batch, head, c], tot_s.at[slot])], full.at[slot])
 
   def step(i, dh):
     c, slot = nc - 1 - i, lax.rem(i, 2)
@@ -292,18 +296,15 @@ def _dstates_kernel(static, refs, scratch):
                                [(at, do_s.at[slot], False, False)])], interp)
       dd_s[...] = dd.astype(dtype)
       plgpu.commit_smem()
-    if n_s:                                             # N^T dd read from N
-      nt_dd = (n_s[0].at[slot], dd_s, True, False)
-    else:                                               # -k^T diag(e^b) (P^T dd)
-      with jax.named_scope("dS_y"):
-        (y,) = tiles.products([((CHUNK, BLOCK_V), [(pt_s.at[slot], dd_s, False, False)])],
-                              interp)
-        y_s[...] = (y * tiles.rows(-x["into"], y.shape)).astype(dtype)
-        plgpu.commit_smem()
-      nt_dd = (k_s.at[slot], y_s, True, False)
+    with jax.named_scope("dS_y"):
+      (y,) = tiles.products([((CHUNK, BLOCK_V), [(pt_s.at[slot], dd_s, False, False)])],
+                            interp)                     # P^T dd
+      y_s[...] = (y * tiles.rows(-x["into"], y.shape)).astype(dtype)
+      plgpu.commit_smem()
     with jax.named_scope("dS_next"):
       dh = dh * tiles.rows(x["tot"], dh.shape)
-      (dh,) = tiles.products([(dh, [(q_s.at[slot], doin_s, True, False), nt_dd])], interp)
+      (dh,) = tiles.products([(dh, [(q_s.at[slot], doin_s, True, False),
+                                    (k_s.at[slot], y_s, True, False)])], interp)
       plgpu.barrier_arrive(free.at[slot])
     return dh
 
@@ -322,23 +323,21 @@ def _dstates_kernel(static, refs, scratch):
     tiles.produce_ring(load, nc, 2, (free,))
 
 
-def _backward_call(static, q, k, pt, d_o, states, d, vec, tot, dfinal, n=None):
+def _backward_call(static, q, k, pt, d_o, states, d, vec, tot, dfinal):
   b, tp, heads, kd = q.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
   two = lambda shape, dt=dtype: tiles.swizzled((2,) + shape, dt)
   one = lambda shape, dt=dtype: tiles.swizzled(shape, dt)
   dstates, dh0 = base._launch(
       static, _dstates_kernel,
-      dict(q=q, k=k, pt=pt, do=d_o, vec=vec, tot=tot, dfinal=dfinal,
-           **({} if n is None else {"n": n})),
+      dict(q=q, k=k, pt=pt, do=d_o, vec=vec, tot=tot, dfinal=dfinal),
       dict(dstates=jax.ShapeDtypeStruct((b, heads, nc, kd, vd), dtype),
            dh0=jax.ShapeDtypeStruct((b, heads, kd, vd), _F32)),
       (two((CHUNK, kd)), two((CHUNK, kd)), two((CHUNK, CHUNK)), two((CHUNK, BLOCK_V)),
        plgpu.SMEM((2, 4, CHUNK), _F32), plgpu.SMEM((2, 4, CHUNK), _F32),
        plgpu.SMEM((2, kd), _F32), one((kd, BLOCK_V)), one((CHUNK, BLOCK_V)),
        one((CHUNK, BLOCK_V)), one((CHUNK, BLOCK_V)),
-       plgpu.Barrier(num_arrivals=7 + (n is not None), num_barriers=2),
-       plgpu.Barrier(num_barriers=2)) + (() if n is None else (two((CHUNK, kd)),)),
+       plgpu.Barrier(num_arrivals=7, num_barriers=2), plgpu.Barrier(num_barriers=2)),
       (vd // BLOCK_V, heads, b), ("vb", "head", "batch"), threads=2)
   dq, dk, dd, dvec, dtot = base.grads_call(static, q, k, d, d_o, states, dstates, vec,
                                            dv_dtype=_F32, with_dtot=True)
@@ -350,45 +349,45 @@ def _backward_call(static, q, k, pt, d_o, states, d, vec, tot, dfinal, n=None):
 _BTHD, _BH = (0, 2), (0, 1)
 
 
-def _forward_all(static, read_n, q, k, v, beta, vec, tot, h0):
+def _forward_all(static, q, k, v, beta, vec, tot, h0):
+  read_n = _reads_n(static, q.shape[0], q.shape[2])
   pt, xt, *n = ut.forward_call(static, k, beta, vec, with_n=read_n)
   o, states, d, final = _forward(static, q, k, v, pt, vec, tot, h0, *n)
-  return (o, final, states, d, pt, xt, *n)
+  return o, final, states, d, pt, xt
 
 
-def _fwd_impl(static, read_n, q, k, v, beta, vec, tot, h0):
-  return base._shielded(static, functools.partial(_forward_all, static, read_n),
+def _fwd_impl(static, q, k, v, beta, vec, tot, h0):
+  return base._shielded(static, functools.partial(_forward_all, static),
                         (q, k, v, beta, vec, base._tot_lanes(static, tot), h0),
-                        (_BTHD,) * 3 + (_BH,) * 4,
-                        (_BTHD, _BH, _BH, _BTHD, _BH, _BH) + (_BTHD,) * read_n)
+                        (_BTHD,) * 3 + (_BH,) * 4, (_BTHD, _BH, _BH, _BTHD, _BH, _BH))
 
 
-def _backward_all(static, q, k, v, beta, pt, xt, d_o, states, d, vec, tot, dfinal, *n):
+def _backward_all(static, q, k, v, beta, pt, xt, d_o, states, d, vec, tot, dfinal):
   dq, dk, dd, dvec, dtot, dh0 = _backward_call(static, q, k, pt, d_o, states, d, vec, tot,
-                                               dfinal, *n)
+                                               dfinal)
   dk, dv, dvec_ut = ut.backward_call(static, k, v, beta, vec, xt, dd, states, dk)
   return dq, dk, dv, dvec, dvec_ut, dtot, dh0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunked(static, read_n, q, k, v, beta, vec, tot, h0):
-  o, final = _fwd_impl(static, read_n, q, k, v, beta, vec, tot, h0)[:2]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked(static, q, k, v, beta, vec, tot, h0):
+  o, final = _fwd_impl(static, q, k, v, beta, vec, tot, h0)[:2]
   return o, final
 
 
-def _chunked_fwd(static, read_n, q, k, v, beta, vec, tot, h0):
-  o, final, states, d, pt, xt, *n = _fwd_impl(static, read_n, q, k, v, beta, vec, tot, h0)
-  return (o, final), (q, k, v, beta, vec, tot, states, d, pt, xt, *n)
+def _chunked_fwd(static, q, k, v, beta, vec, tot, h0):
+  o, final, states, d, pt, xt = _fwd_impl(static, q, k, v, beta, vec, tot, h0)
+  return (o, final), (q, k, v, beta, vec, tot, states, d, pt, xt)
 
 
-def _chunked_bwd(static, read_n, res, cotangents):
-  q, k, v, beta, vec, tot, states, d, pt, xt, *n = res
+def _chunked_bwd(static, res, cotangents):
+  q, k, v, beta, vec, tot, states, d, pt, xt = res
   d_o, dfinal = cotangents
   dq, dk, dv, dvec, dvec_ut, dtot, dh0 = base._shielded(
       static, functools.partial(_backward_all, static),
       (q, k, v, beta, pt, xt, d_o.astype(q.dtype), states, d, vec,
-       base._tot_lanes(static, tot), dfinal.astype(_F32), *n),
-      (_BTHD,) * 3 + (_BH, _BH, _BH, _BTHD, _BH, _BTHD) + (_BH,) * 3 + (_BTHD,) * read_n,
+       base._tot_lanes(static, tot), dfinal.astype(_F32)),
+      (_BTHD,) * 3 + (_BH, _BH, _BH, _BTHD, _BH, _BTHD) + (_BH,) * 3,
       (_BTHD,) * 3 + (_BH, _BH, (1, 2), _BH))
   # vec rows: b, e^b (from the walks and the UT transform), e^a, document ids.
   dvec = jnp.stack([dvec[..., 0, :] + dvec_ut[..., 0, :], dvec[..., 1, :] + dvec_ut[..., 1, :],
@@ -430,7 +429,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale, initial_state=None,
   h0 = (jnp.zeros((batch, heads, kd, vd), _F32) if initial_state is None
         else initial_state.astype(_F32))
   static = base._Static(float(scale), nc, kd, vd, bool(interpret))
-  o, final = _chunked(static, _reads_n(static, batch, heads), q, k, v, beta, vec, tot, h0)
+  o, final = _chunked(static, q, k, v, beta, vec, tot, h0)
   o = o[:, :length] if pad else o
   return o, (final if output_final_state else None)
 

@@ -30,7 +30,8 @@ from tests.pallas_kernels.gpu.test_chunked_linear import check as base_check
 class DeltaCase(Case):
   gated: bool = True
   wide_walk: bool | None = None   # the forward walk's layout (None: chosen by shape)
-  read_n: bool | None = None      # the walks read N or form N S from P (None: by shape)
+  read_n: bool | None = None      # the forward walk reads N or forms N S from P (by shape)
+  final_dominates: bool = False   # see BETA_UNDER_STRONG_GATES
 
 
 def _inputs(case: DeltaCase, rng):
@@ -44,6 +45,14 @@ def _inputs(case: DeltaCase, rng):
   return diff, segment_ids, cotangents
 
 
+# The state gradient crosses from the state-gradient walk to the gradient launch in the
+# input dtype. Under gates of -20 per token beta's gradient is dominated by the final
+# state's gradient at the last tokens, where it is a sum over values that cancels, so that
+# rounding shows: measured 1.5e-2 relative (bfloat16) on the compiled g-20 case's inputs,
+# 1.0e-3 with that handover in float32 (interpreter, same inputs). Bound for those cases:
+BETA_UNDER_STRONG_GATES = 2e-2
+
+
 def check(case, rng, interpret):
   def reference(q, k, v, g=None, beta=None, **options):
     return oracle.gated_delta_rule(q, k, v, g, beta, **options)
@@ -52,7 +61,9 @@ def check(case, rng, interpret):
   cd.WIDE_WALK, cd.READ_N = case.wide_walk, case.read_n
   try:
     return base_check(case, rng, interpret, inputs=_inputs, reference=reference,
-                      op=cd.gated_delta_rule if case.gated else cd.delta_rule)
+                      op=cd.gated_delta_rule if case.gated else cd.delta_rule,
+                      tolerances={"dbeta": BETA_UNDER_STRONG_GATES}
+                      if case.final_dominates else None)
   finally:
     cd.WIDE_WALK, cd.READ_N = saved
 
@@ -67,9 +78,10 @@ INTERPRETED_CASES = [
               wide_walk=True, read_n=False),
     # K = 128 != V; gates of exactly -20: e^{G} underflows, decay gradients are ~e^-20;
     # both ways of forming N S.
-    DeltaCase("T70_K128_g-20_exact", 70, key_dim=128, strength=20.0, exact_gates=True),
+    DeltaCase("T70_K128_g-20_exact", 70, key_dim=128, strength=20.0, exact_gates=True,
+              final_dominates=True),
     DeltaCase("T70_K128_g-20_exact_fromP", 70, key_dim=128, strength=20.0,
-              exact_gates=True, read_n=False),
+              exact_gates=True, read_n=False, final_dominates=True),
 ]
 
 
