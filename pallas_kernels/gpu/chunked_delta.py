@@ -35,7 +35,9 @@ corrections ``d``. So:
   ``o = scale (diag(e^b) q S + ((q k^T) * D) d)`` and the state update, saving the state
   entering every chunk and ``d`` (input dtype). Grid ``(H, B)`` with one consumer per
   value block when ``B H`` fills the GPU (q, k, P read once per head), else
-  ``(V / 64, H, B)`` with one consumer.
+  ``(V / 64, H, B)`` with one consumer; with few CTAs (e.g. B = 1), where the walk is
+  bound by its chain rather than by memory, the UT forward also writes ``N`` and the walk
+  reads it: ``d = P v + N S`` in one round of products.
 * state gradients, grid ``(V / 64, H, B)``, a producer warpgroup as above: walks back
   with ``dS`` (the gradient of the state leaving the chunk) in registers:
   ``dd = scale ((k q^T) * D^T) dO + diag(e^a) k dS``, then
