@@ -115,6 +115,15 @@ def _wide(static, batch, heads):
   return static.value_dim > BLOCK_V and batch * heads >= WIDE_WALK_MIN_HEADS
 
 
+def _store_state(h, h_s, dest, pending):
+  """A walk's state (float32 registers) out through ``h_s`` in its dtype, once at most
+  ``pending`` earlier copies are still reading shared memory."""
+  plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
+  h_s[...] = h.astype(h_s.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(h_s, dest)
+
+
 def _forward_walk_kernel(static, wide, refs, scratch):
   """The output, the state entering every chunk, the corrections ``d`` (input dtype) and
   the final state, walking the chunks in order. A producer warpgroup copies each chunk's
@@ -160,11 +169,8 @@ def _forward_walk_kernel(static, wide, refs, scratch):
     def step(c, h):
       slot = lax.rem(c, 2)
       rows = (batch, pl.ds(c * CHUNK, CHUNK), head)
-      with jax.named_scope("fw_store"):
-        plgpu.wait_smem_to_gmem(2, wait_read_only=True)   # the last step's states copy
-        hj_s[...] = h.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(hj_s, refs["states"].at[batch, head, c, :, cols])
+      with jax.named_scope("fw_store"):   # (once the last step's states copy is out)
+        _store_state(h, hj_s, refs["states"].at[batch, head, c, :, cols], 2)
       with jax.named_scope("fw_wait"):
         plgpu.barrier_wait(full.at[slot])
       x = base._vectors(static, vec_s.at[slot], vect_s.at[slot], tot=tot_s.at[slot])
@@ -276,11 +282,8 @@ def _dstates_kernel(static, refs, scratch):
 
   def step(i, dh):
     c, slot = nc - 1 - i, lax.rem(i, 2)
-    with jax.named_scope("dS_store"):
-      plgpu.wait_smem_to_gmem(1, wait_read_only=True)    # the last step's dS copy
-      dh_s[...] = dh.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(dh_s, refs["dstates"].at[batch, head, c, :, cols])
+    with jax.named_scope("dS_store"):     # (once the last step's dS copy is out)
+      _store_state(dh, dh_s, refs["dstates"].at[batch, head, c, :, cols], 1)
     with jax.named_scope("dS_wait"):
       plgpu.barrier_wait(full.at[slot])
     x = base._vectors(static, vec_s.at[slot], vect_s.at[slot], tot=tot_s.at[slot])
