@@ -4,7 +4,8 @@ jax.profiler trace (run on the GPU machine).
     python3 experiments/profiling/delta_kernel_times.py TAG T...
 
 Environment: ONLYGATED=1 times the gated rule; WIDE=1 / WIDE=0 forces the forward walk's
-layout; READN=1 / READN=0 makes the walks read N or form N S from P. Prints, per T and program, the launches of one call in order (us) and the sum.
+layout; READN=1 / READN=0 makes the forward walk read N or form N S from P. Prints, per
+T and program, the launches of one call in order (us) and the sum.
 Used for docs/runs/2026-11-24_h100_delta_fused_walk_kernels.txt."""
 import collections, glob, os, sys, tempfile
 import jax, jax.numpy as jnp

@@ -92,7 +92,7 @@ WIDE_WALK = None
 
 
 # The forward walk reads N (written by the UT forward) when it runs fewer CTAs than this,
-# so that each chunk's chain is one product shorter (B = 1, T = 16384: 460 against 575 us
+# so that each chunk's chain is one product shorter (B = 1, T = 16384: 476 against 575 us
 # on an H100); with more CTAs it is bound by memory traffic and forms N S from P and the
 # keys instead. ``True`` / ``False`` force one way (not with the wide layout, whose shared
 # memory has no room for N). The state-gradient walk always forms N^T dd from P (as fast

@@ -70,12 +70,12 @@ def check(case, rng, interpret):
 
 INTERPRETED_CASES = [
     # Two chunks, padding, two value blocks, documents (one start on the chunk edge); the
-    # walks read N (few CTAs).
+    # forward walk reads N (few CTAs).
     DeltaCase("T100_V128_docs_init", 100, value_dim=128, documents=True),
-    # The same with both value blocks in one forward-walk CTA (two consumer warpgroups),
-    # the walks forming N S from P and the keys.
-    DeltaCase("T100_V128_docs_init_wide_fromP", 100, value_dim=128, documents=True,
-              wide_walk=True, read_n=False),
+    # The same with both value blocks in one forward-walk CTA (two consumer warpgroups;
+    # this layout always forms N S from P and the keys).
+    DeltaCase("T100_V128_docs_init_wide", 100, value_dim=128, documents=True,
+              wide_walk=True),
     # K = 128 != V; gates of exactly -20: e^{G} underflows, decay gradients are ~e^-20;
     # both ways of forming N S.
     DeltaCase("T70_K128_g-20_exact", 70, key_dim=128, strength=20.0, exact_gates=True,
@@ -100,9 +100,6 @@ GPU_CASES = INTERPRETED_CASES + [
               documents=True, batch=2, heads=3, read_n=False),
     DeltaCase("T1000_K128_V128_docs_init_wide_on_gpu", 1000, key_dim=128, value_dim=128,
               documents=True, batch=2, heads=3, wide_walk=True),
-    DeltaCase("T1000_K128_V128_docs_init_wide_fromP_on_gpu", 1000, key_dim=128,
-              value_dim=128, documents=True, batch=2, heads=3, wide_walk=True,
-              read_n=False),
     DeltaCase("T257_K128_V64_delta_on_gpu", 257, key_dim=128, gated=False,
               initial_state=False),
     DeltaCase("T257_K128_V64_delta_fromP_on_gpu", 257, key_dim=128, gated=False,
