@@ -3,7 +3,7 @@ jax.profiler trace (run on the GPU machine).
 
     python3 experiments/profiling/delta_kernel_times.py TAG T...
 
-Environment: ONLYGATED=1 times the gated rule; WIDE=1 / WIDE=0 forces the forward walk's
+Environment: LIST=1 also lists every launch of the last call with its name; ONLYGATED=1 times the gated rule; WIDE=1 / WIDE=0 forces the forward walk's
 layout; READN=1 / READN=0 makes the forward walk read N or form N S from P. Prints, per
 T and program, the launches of one call in order (us) and the sum.
 Used for docs/runs/2026-11-24_h100_delta_fused_walk_kernels.txt."""
@@ -61,6 +61,9 @@ for T in [int(a) for a in sys.argv[2:]]:
         per = len(evs) // n
         seq = [f"{e.duration_ns / 1e3:.0f}" for e in evs[per * (n - 1):] if e.duration_ns > 20000]
         print(f"PROF {tag} {name} T={T} {prog} last-iteration kernels (us, >20): {' '.join(seq)}", flush=True)
+        if os.environ.get("LIST"):
+          for e in evs[per * (n - 1):]:
+            print(f"PROF     {e.duration_ns / 1e3:8.1f} us  {e.name[:100]}", flush=True)
     total = sum(tot.values()) / n / 1e6
     print(f"PROF {tag} {name} T={T} {prog} kernels-sum {total:.3f} ms", flush=True)
     for nm, ns in tot.most_common(3):

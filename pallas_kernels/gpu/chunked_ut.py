@@ -9,15 +9,17 @@ gates summed from the chunk's (or the document's) start ``b`` and ``e^b`` ("into
     T = (I + L)^{-1}     P = T diag(beta)     U = P v     N = -T diag(beta e^b) k
 
 Forward: ``k k^T`` on the tensor cores, then ``X = T^T`` (the inverse kept transposed)
-by blocked forward substitution: the four 16 x 16 diagonal blocks of ``X`` in float32
-registers at once (15 steps; step ``j`` takes column ``16 i + j`` of each block with one
-masked row sum and subtracts ``L_ts X[:, s]`` from the block's later columns, the rows of
-``L^T`` read from shared memory), then two merges ``X <- X - X L_O^T X`` (``L_O``: the
-blocks just below the diagonal of each 32-token half, then the lower-left 32 x 32 block),
-the same arithmetic as a triangular solve done block by block. Writes ``P^T`` in the
-input dtype (``N = -P diag(e^b) k``, so the walks form ``d = U + N S = P (v - diag(e^b)
-k S)`` per chunk from ``P`` and the keys they read anyway, and ``N`` never goes through
-memory) and saves ``X`` (float32) for the backward.
+by blocked forward substitution: the four 16 x 16 diagonal blocks of ``X`` solved at once
+in a packed [64, 16] float32 register tile (row ``r`` holds its own block's 16 columns;
+15 steps, step ``j`` takes column ``j`` with one masked row sum and subtracts ``L_ts
+X[:, s]`` from the later columns, pieces of the rows of ``L^T`` read from shared memory),
+spread back to the block diagonal by one product with a 0/1 matrix, then two merges
+``X <- X - X L_O^T X`` (``L_O``: the blocks just below the diagonal of each 32-token half,
+then the lower-left 32 x 32 block), the same arithmetic as a triangular solve done
+block by block. Writes ``P^T`` in the input dtype (``N = -P diag(e^b) k``, so the walks
+form ``d = U + N S = P (v - diag(e^b) k S)`` per chunk from ``P`` and the keys they read
+anyway, and ``N`` never goes through memory) and saves ``X`` (float32) for the
+backward.
 
 Backward, from ``dU`` (float32) and the states ``S`` entering the chunks (``d = U + N S``
 in ``chunked_delta.py``, so ``dN = dU S^T``)::
@@ -60,17 +62,34 @@ _SQUARE = (CHUNK, CHUNK)
 SUB = 16   # the forward substitution's diagonal blocks
 
 
-def _split(static, x, dtype):
-  """``x`` (float32) as ``high + low`` in ``dtype``. The interpreter's arrays go through
-  XLA, whose excess-precision rule may drop a float32 -> 16-bit -> float32 round trip, so
-  there ``high`` is cut with a bit mask; compiled, ``high`` is ``x`` rounded."""
+def _high(static, x, dtype):
+  """``x`` (float32) rounded to ``dtype``: ``(in dtype, as float32)``. The interpreter's
+  arrays go through XLA, whose excess-precision rule may drop a float32 -> 16-bit ->
+  float32 round trip, so there the value is cut with a bit mask; compiled, it is
+  rounded."""
   if static.interpret:
     mask = 0xFFFF0000 if jnp.dtype(dtype) == jnp.bfloat16 else 0xFFFFE000
     bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(mask)
     high = lax.bitcast_convert_type(bits, _F32)
-    return high.astype(dtype), (x - high).astype(dtype)
+    return high.astype(dtype), high
   high = x.astype(dtype)
-  return high, (x - high.astype(_F32)).astype(dtype)
+  return high, high.astype(_F32)
+
+
+def _split(static, x, dtype):
+  """``x`` (float32) as ``high + low`` in ``dtype``."""
+  high, high32 = _high(static, x, dtype)
+  return high, (x - high32).astype(dtype)
+
+
+def _split3(static, x):
+  """``x`` (float32) as three bfloat16 parts whose sum is ``x`` to float32 precision."""
+  parts = []
+  for _ in range(2):
+    high, high32 = _high(static, x, jnp.bfloat16)
+    parts.append(high)
+    x = x - high32
+  return parts + [x.astype(jnp.bfloat16)]
 
 
 def _store_split(static, x, hi_s, lo_s):
@@ -114,11 +133,15 @@ def _factors(static, vec_s, vect_s, beta_s, betat_s):
 # --------------------------------------------------------------------------- forward
 
 
+def _block(i):
+  """16-token block index of a row or column iota."""
+  return sum(jnp.where(i >= edge, 1, 0) for edge in range(SUB, CHUNK, SUB))
+
+
 def _blocks(interp):
   """Row and column iotas and their 16-token block indices."""
   r, col = tiles.iota(_SQUARE, 0, interp), tiles.iota(_SQUARE, 1, interp)
-  block = lambda i: sum(jnp.where(i >= edge, 1, 0) for edge in range(SUB, CHUNK, SUB))
-  return r, col, block(r), block(col)
+  return r, col, _block(r), _block(col)
 
 
 # Chunks per CTA of the forward launch (the next chunk's inputs are copied while one is
@@ -170,24 +193,44 @@ def _forward_chunk(static, refs, c, head, batch, scratch):
   r, col, br, bc = _blocks(interp)
   same = br == bc
 
-  # The four 16 x 16 diagonal blocks of X = T^T at once (X stays block diagonal): step j
-  # takes each block's column j (one masked row sum) and subtracts L_ts X[:, s] from the
-  # block's later columns t, s = 16 * block + j.
-  def diagonal(lt_s):
-    lt_s[...] = jnp.where(same, lt, 0.0)
+  # The four 16 x 16 diagonal blocks of X = T^T, solved packed: Xp [64, 16] holds row r's
+  # block, Xp[r, u] = X[r, 16 blk(r) + u], so each step works on a quarter of the full
+  # tile. Step j takes column j (one masked row sum; row r's pivot is X[r, s] with
+  # s = 16 blk(r) + j) and subtracts pivot * L_ts from the later columns t of the same
+  # block, the rows of L^T (keys on rows) read from shared memory in 16-column pieces.
+  def diagonal(lt_s, qt_s):
+    lt_s[...] = lt
+    # Q^T [16, 64] (rows 0..15 of a square tile): Q^T[u, c] = [c mod 16 == u], which
+    # spreads Xp over the four column blocks (Xp @ Q^T)[r, c] = Xp[r, c mod 16].
+    qt_s[...] = jnp.where(col - SUB * bc == r, 1.0, 0.0).astype(jnp.bfloat16)
     plgpu.commit_smem()
+    packed = (CHUNK, SUB)
+    rp, up = tiles.iota(packed, 0, interp), tiles.iota(packed, 1, interp)
+    bp = _block(rp)
 
-    def substitute(j, xt):
-      pivot = jnp.where(col - SUB * bc == j, xt, 0.0).sum(axis=1)
-      l_j = sum(tiles.load(lt_s.at[j + SUB * blk], _COL, interp)
-                for blk in range(CHUNK // SUB))
-      return xt - jnp.where(same, tiles.rows(pivot, _SQUARE) * tiles.cols(l_j, _SQUARE),
-                            0.0)
+    def substitute(j, xp):
+      pivot = jnp.where(up == j, xp, 0.0).sum(axis=1)
+      mult = None
+      for blk in range(CHUNK // SUB):
+        piece = tiles.cols(tiles.load(lt_s.at[j + SUB * blk, pl.ds(SUB * blk, SUB)], _COL,
+                                      interp), packed)
+        mult = piece if mult is None else jnp.where(bp == blk, piece, mult)
+      return xp - tiles.rows(pivot, packed) * mult
 
-    return lax.fori_loop(0, SUB - 1, substitute, jnp.where(r == col, 1.0, 0.0))
+    xp = lax.fori_loop(0, SUB - 1, substitute,
+                       jnp.where(up == rp - SUB * bp, 1.0, 0.0))
+    # X = (Xp @ Q^T) on the diagonal blocks; Xp in three bfloat16 parts (24 bits, float32
+    # exactly) against a 0/1 matrix.
+    spread = None
+    for part in _split3(static, xp):
+      spread = (tiles.matmul(part, qt_s.at[pl.ds(0, SUB)], _SQUARE, interp)
+                if spread is None else
+                tiles.matmul_add(spread, part, qt_s.at[pl.ds(0, SUB)], interp))
+    return jnp.where(same, spread, 0.0)
 
   with jax.named_scope("utf_diagonal"):
-    xt = pl.run_scoped(diagonal, plgpu.SMEM(_SQUARE, _F32))
+    xt = pl.run_scoped(diagonal, plgpu.SMEM(_SQUARE, _F32),
+                       tiles.swizzled(_SQUARE, jnp.bfloat16, swizzle=32))
 
   # Merges (block forward substitution): X <- X - X L_O^T X, with L_O the blocks just
   # below the diagonal of each 32-token half, then the lower-left 32 x 32 block.

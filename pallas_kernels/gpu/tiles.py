@@ -15,12 +15,14 @@ import jax.experimental.pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 
-def swizzled(shape, dtype):
-  """Shared memory for a wgmma operand or a TMA-staged tile: 128-byte rows (64 values of
-  16 bits, 32 of 32 bits), 128B swizzle."""
-  width = 128 // jnp.dtype(dtype).itemsize
+def swizzled(shape, dtype, swizzle=128):
+  """Shared memory for a wgmma operand or a TMA-staged tile: rows of ``swizzle`` bytes
+  (128: 64 values of 16 bits, 32 of 32 bits), swizzled. A product whose other operand is
+  in registers takes ``swizzle // itemsize`` rows of this one per step (K = 16 of 16
+  bits needs ``swizzle=32``)."""
+  width = swizzle // jnp.dtype(dtype).itemsize
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, width)),
-                                              plgpu.SwizzleTransform(128)))
+                                              plgpu.SwizzleTransform(swizzle)))
 
 
 def cast(x, layout, interpret):
