@@ -345,7 +345,7 @@ def _backward_call(static, q, k, pt, d_o, states, d, vec, tot, dfinal):
        plgpu.Barrier(num_arrivals=7, num_barriers=2), plgpu.Barrier(num_barriers=2)),
       (vd // BLOCK_V, heads, b), ("vb", "head", "batch"), threads=2)
   dq, dk, dd, dvec, dtot = base.grads_call(static, q, k, d, d_o, states, dstates, vec,
-                                           dv_dtype=_F32, with_dtot=True)
+                                           dv_split=True, with_dtot=True)
   return dq, dk, dd, dvec, dtot, dh0
 
 

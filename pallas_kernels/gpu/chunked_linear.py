@@ -369,9 +369,13 @@ def _grads_kernel(static, refs, scratch):
   dk and dv, at the same time (each alone is a chain of dependent products). With a
   ``dtot`` output the first also forms ``<S, dS>`` per key channel (the gradient of the
   chunk's total gate factor ``e^G``, for the delta rules, whose state-gradient walk does
-  not read the states)."""
+  not read the states). With a ``dv_lo`` output dv leaves as two 16-bit halves, ``dv``
+  its rounding and ``dv_lo`` the rest (the delta rules' UT backward multiplies by them
+  directly)."""
   (q_s, k_s, v_s, do_s, hc_s, dh_s, vec_s, vect_s, kout_s, kout2_s, dk_s, dv_s, dvec_s,
-   dvec2_s, bar, *tot_s) = scratch
+   dvec2_s, bar, *extra) = scratch
+  tot_s = extra[:1] if "dtot" in refs else []
+  dvlo_s = extra[-1] if "dv_lo" in refs else None
   interp, scale = static.interpret, static.scale
   c, head, batch = _chunk_position()
   wg = lax.axis_index("wg")
@@ -438,9 +442,14 @@ def _grads_kernel(static, refs, scratch):
     plgpu.copy_smem_to_gmem(dk_s, refs["dk"].at[rows])
     dv = tiles.matmul(a_t.astype(dtype), do_s, (CHUNK, static.value_dim), interp)
     dv = tiles.matmul_add(dv, kout2_s, dh_s, interp)
-    dv_s[...] = dv.astype(dv_s.dtype)
+    if dvlo_s is None:
+      dv_s[...] = dv.astype(dv_s.dtype)
+    else:
+      dv_s[...], dvlo_s[...] = tiles.split(dv, dtype, interp)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(dv_s, refs["dv"].at[rows])
+    if dvlo_s is not None:
+      plgpu.copy_smem_to_gmem(dvlo_s, refs["dv_lo"].at[rows])
     plgpu.copy_smem_to_gmem(dvec2_s, refs["dvec"].at[batch, head, c, pl.ds(2, 2)])
     plgpu.wait_smem_to_gmem(0)
 
@@ -471,36 +480,43 @@ def dstates_call(static, q, d_o, states, vec, tot, dfinal):
        plgpu.Barrier()), b, heads)
 
 
-def grads_call(static, q, k, v, d_o, states, dstates, vec, dv_dtype=None, with_dtot=False):
+def grads_call(static, q, k, v, d_o, states, dstates, vec, dv_split=False, with_dtot=False):
   """The chunk-parallel gradient launch (also the delta rules' kernel, with ``v`` the
-  chunks' corrected values); ``dv`` in ``dv_dtype`` (default: the input dtype). Returns
-  dq, dk, dv and ``[B, H, T / C, 3, C]`` float32: the gradients of ``b``, ``e^b`` and
-  ``e^a``; ``with_dtot``, also ``<S, dS>`` per key channel, ``[1, B, H, T / C, K]``
-  float32 (the layout of ``dstates_call``'s, with one value block)."""
+  chunks' corrected values). Returns dq, dk, dv (input dtype; ``dv_split``: a pair
+  ``(high, low)`` of the input dtype whose sum is the float32 gradient) and
+  ``[B, H, T / C, 3, C]`` float32: the gradients of ``b``, ``e^b`` and ``e^a``;
+  ``with_dtot``, also ``<S, dS>`` per key channel, ``[1, B, H, T / C, K]`` float32 (the
+  layout of ``dstates_call``'s, with one value block)."""
   b, tp, heads, kd = q.shape
   vd, nc, dtype = static.value_dim, static.num_chunks, q.dtype
   one = lambda shape, dt=dtype: tiles.swizzled(shape, dt)
   outs = dict(dq=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
               dk=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
-              dv=jax.ShapeDtypeStruct((b, tp, heads, vd), dv_dtype or dtype),
+              dv=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
               dvec=jax.ShapeDtypeStruct((b, heads, nc, 4, CHUNK), _F32))
   if with_dtot:
     outs["dtot"] = jax.ShapeDtypeStruct((1, b, heads, nc, kd), _F32)
+  if dv_split:
+    outs["dv_lo"] = jax.ShapeDtypeStruct((b, tp, heads, vd), dtype)
   results = _parallel(
       static, _grads_kernel,
       dict(q=q, k=k, v=v, do=d_o, states=states, dstates=dstates, vec=vec), outs,
       (one((CHUNK, kd)), one((CHUNK, kd)), one((CHUNK, vd)), one((CHUNK, vd)),
        one((kd, vd)), one((kd, vd)), plgpu.SMEM((4, CHUNK), _F32),
        plgpu.SMEM((4, CHUNK), _F32), one((CHUNK, kd)), one((CHUNK, kd)), one((CHUNK, kd)),
-       one((CHUNK, vd), dv_dtype or dtype), plgpu.SMEM((2, CHUNK), _F32),
+       one((CHUNK, vd)), plgpu.SMEM((2, CHUNK), _F32),
        plgpu.SMEM((2, CHUNK), _F32), plgpu.Barrier(num_arrivals=8))
-      + ((plgpu.SMEM((kd,), _F32),) if with_dtot else ()),
+      + ((plgpu.SMEM((kd,), _F32),) if with_dtot else ())
+      + ((one((CHUNK, vd)),) if dv_split else ()),
       b, heads, threads=2)
   dq, dk, dv, parts = results[:4]
   # parts rows: db (row half), d e^b, db (column half), d e^a.
   dvec = jnp.stack([parts[..., 0, :] + parts[..., 2, :], parts[..., 1, :],
                     parts[..., 3, :]], axis=-2)
-  return (dq, dk, dv, dvec) + tuple(results[4:])
+  rest = list(results[4:])
+  dtot = [rest.pop(0)] if with_dtot else []
+  dv = (dv, rest.pop(0)) if dv_split else dv
+  return (dq, dk, dv, dvec) + tuple(dtot)
 
 
 # -------------------------------------------------------------------------- wrappers

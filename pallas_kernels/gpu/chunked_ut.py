@@ -18,11 +18,11 @@ spread back to the block diagonal by one product with a 0/1 matrix, then two mer
 then the lower-left 32 x 32 block), the same arithmetic as a triangular solve done
 block by block. Writes ``P^T`` in the input dtype (``N = -P diag(e^b) k``, so the walks
 form ``d = U + N S = P (v - diag(e^b) k S)`` per chunk from ``P`` and the keys they read
-anyway, and ``N`` never goes through memory) and saves ``X`` (float32) for the
-backward.
+anyway, and ``N`` never goes through memory) and saves ``X`` for the backward as two
+halves in the input dtype (high, low), the operands its products take.
 
-Backward, from ``dU`` (float32) and the states ``S`` entering the chunks (``d = U + N S``
-in ``chunked_delta.py``, so ``dN = dU S^T``)::
+Backward, from ``dU`` (float32, handed over as two halves in the same way) and the states
+``S`` entering the chunks (``d = U + N S`` in ``chunked_delta.py``, so ``dN = dU S^T``)::
 
     d(diag(beta) v) = T^T dU      d(diag(beta e^b) k) = -T^T dN
     dT = dU (diag(beta) v)^T - dN (diag(beta e^b) k)^T
@@ -62,31 +62,16 @@ _SQUARE = (CHUNK, CHUNK)
 SUB = 16   # the forward substitution's diagonal blocks
 
 
-def _high(static, x, dtype):
-  """``x`` (float32) rounded to ``dtype``: ``(in dtype, as float32)``. The interpreter's
-  arrays go through XLA, whose excess-precision rule may drop a float32 -> 16-bit ->
-  float32 round trip, so there the value is cut with a bit mask; compiled, it is
-  rounded."""
-  if static.interpret:
-    mask = 0xFFFF0000 if jnp.dtype(dtype) == jnp.bfloat16 else 0xFFFFE000
-    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(mask)
-    high = lax.bitcast_convert_type(bits, _F32)
-    return high.astype(dtype), high
-  high = x.astype(dtype)
-  return high, high.astype(_F32)
-
-
 def _split(static, x, dtype):
   """``x`` (float32) as ``high + low`` in ``dtype``."""
-  high, high32 = _high(static, x, dtype)
-  return high, (x - high32).astype(dtype)
+  return tiles.split(x, dtype, static.interpret)
 
 
 def _split3(static, x):
   """``x`` (float32) as three bfloat16 parts whose sum is ``x`` to float32 precision."""
   parts = []
   for _ in range(2):
-    high, high32 = _high(static, x, jnp.bfloat16)
+    high, high32 = tiles.high(x, jnp.bfloat16, static.interpret)
     parts.append(high)
     x = x - high32
   return parts + [x.astype(jnp.bfloat16)]
@@ -272,14 +257,22 @@ def _forward_chunk(static, refs, c, head, batch, scratch):
     plgpu.copy_smem_to_gmem(pt_s, refs["pt"].at[batch, head, c])
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+  def out_x(hi_s, lo_s):   # X as its two halves, the backward's product operands
+    _store_split(static, xt, hi_s, lo_s)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(hi_s, refs["xt"].at[batch, head, c, 0])
+    plgpu.copy_smem_to_gmem(lo_s, refs["xt"].at[batch, head, c, 1])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
   with jax.named_scope("utf_out"):
     pl.run_scoped(out_pt, sq)
-    base._stage_out(static, xt, refs["xt"].at[batch, head, c])
+    pl.run_scoped(out_x, sq, sq)
 
 
 def forward_call(static, k, beta, vec, with_n=False):
-  """``P^T = (T diag(beta))^T [B, H, T / C, C, C]`` in k's dtype and ``X = T^T [B, H,
-  T / C, C, C]`` float32 from ``k``, ``beta [B, H, T / C, C]`` float32 and the gate
+  """``P^T = (T diag(beta))^T [B, H, T / C, C, C]`` in k's dtype and ``X = T^T`` as two
+  halves in k's dtype, ``[B, H, T / C, 2, C, C]`` (high, low: their sum is X to about 16
+  bits with bfloat16), from ``k``, ``beta [B, H, T / C, C]`` float32 and the gate
   factors ``vec [B, H, T / C, 4, C]``; ``with_n``, also ``N = -T diag(beta e^b) k
   [B, T, H, K]`` in k's dtype."""
   b, tp, heads, kd = k.shape
@@ -290,7 +283,7 @@ def forward_call(static, k, beta, vec, with_n=False):
   return base._launch(
       static, lambda st, refs, scratch: _forward_kernel(st, cpc, refs, scratch),
       dict(k=k, vec=vec, beta=beta),
-      dict(pt=square, xt=jax.ShapeDtypeStruct((b, heads, nc, CHUNK, CHUNK), _F32),
+      dict(pt=square, xt=jax.ShapeDtypeStruct((b, heads, nc, 2, CHUNK, CHUNK), dtype),
            **({"n": jax.ShapeDtypeStruct((b, tp, heads, kd), dtype)} if with_n else {})),
       (tiles.swizzled((2, CHUNK, kd), dtype), two((4, CHUNK)), two((4, CHUNK)),
        two((CHUNK,)), two((CHUNK,)), plgpu.Barrier(num_arrivals=5, num_barriers=2)),
@@ -301,52 +294,50 @@ def forward_call(static, k, beta, vec, with_n=False):
 
 
 def _backward_kernel(static, refs, scratch):
-  k_s, v_s, vec_s, vect_s, beta_s, betat_s, dvec_s, bar, one = scratch
+  """The input copies are issued at once and waited for once; the states' copy (into the
+  room v leaves) runs under ``k k^T``, and k's gradient so far under the last products."""
+  k_s, vec_s, vect_s, beta_s, betat_s, dvec_s, xhi_s, xlo_s, bar, one = scratch
   interp = static.interpret
   c, head, batch, rows = _position()
   kd, vd, dtype = static.key_dim, static.value_dim, k_s.dtype
-  base._copy_in([(refs["k"].at[rows], k_s), (refs["v"].at[rows], v_s),
-                 (refs["vec"].at[batch, head, c], vec_s),
-                 (refs["vec"].at[batch, head, c], vect_s),
-                 (refs["beta"].at[batch, head, c], beta_s),
-                 (refs["beta"].at[batch, head, c], betat_s)], bar)
-  xt = base._load_f32(static, refs["xt"].at[batch, head, c], _SQUARE, one)
-  plgpu.barrier_wait(bar)
-  x = _factors(static, vec_s, vect_s, beta_s, betat_s)
-  xt_pair = _split(static, xt, dtype)              # X as the left operand, in registers
+  xt_pair = (xhi_s, xlo_s)                      # X in two halves, as the UT forward left it
 
   def phase1(dhi_s, dlo_s):
-    du = base._load_f32(static, refs["du"].at[rows], (CHUNK, vd), one)
-    _store_split(static, du, dhi_s, dlo_s)
-    plgpu.commit_smem()
     du_pair = (dhi_s, dlo_s)
-    dbv = _dot3(static, xt_pair, du_pair, (CHUNK, vd))            # T^T dU
-    vf = tiles.load(v_s, _TILE, interp).astype(_F32)
-    dbeta = (dbv * vf).sum(axis=1)
-    dv = (dbv * tiles.rows(x["beta_row"], dbv.shape)).astype(dtype)
-    # dT = dU (beta v)^T - dN (beta e^b k)^T (column scales).
-    dt = _dot2(static, du_pair, v_s, _SQUARE, transpose_b=True)
-    dt = dt * tiles.cols(x["beta_col"], _SQUARE)
 
-    def with_states(h_s):
+    def with_v(v_s):
+      base._copy_in([(refs["k"].at[rows], k_s), (refs["v"].at[rows], v_s),
+                     (refs["vec"].at[batch, head, c], vec_s),
+                     (refs["vec"].at[batch, head, c], vect_s),
+                     (refs["beta"].at[batch, head, c], beta_s),
+                     (refs["beta"].at[batch, head, c], betat_s),
+                     (refs["xt"].at[batch, head, c, 0], xhi_s),
+                     (refs["xt"].at[batch, head, c, 1], xlo_s),
+                     (refs["du"].at[rows], dhi_s), (refs["du_lo"].at[rows], dlo_s)], bar)
+      plgpu.barrier_wait(bar)
+      x = _factors(static, vec_s, vect_s, beta_s, betat_s)
+      dbv = _dot3(static, xt_pair, du_pair, (CHUNK, vd))            # T^T dU
+      vf = tiles.load(v_s, _TILE, interp).astype(_F32)
+      # dT = dU (beta v)^T - dN (beta e^b k)^T (column scales).
+      dt = _dot2(static, du_pair, v_s, _SQUARE, transpose_b=True)
+      return x, dbv, (dbv * vf).sum(axis=1), dt * tiles.cols(x["beta_col"], _SQUARE)
+
+    x, dbv, dbeta, dt = pl.run_scoped(with_v, tiles.swizzled((CHUNK, vd), dtype))
+
+    def with_states(h_s):   # in v's room; k k^T under the copy
       plgpu.copy_gmem_to_smem(refs["states"].at[batch, head, c], h_s, one)
+      kk = tiles.matmul(k_s, k_s, _SQUARE, interp, transpose_b=True)
       plgpu.barrier_wait(one)
-      return _dot2(static, du_pair, h_s, (CHUNK, kd), transpose_b=True)    # dN = dU S^T
-
-    dn = pl.run_scoped(with_states, tiles.swizzled((kd, vd), dtype))
-    dhi_s[...] = dv
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dhi_s, refs["dv"].at[rows])
-
-    def with_dn(nhi_s, nlo_s):
-      _store_split(static, -dn, nhi_s, nlo_s)
+      dn = _dot2(static, du_pair, h_s, (CHUNK, kd), transpose_b=True)     # dN = dU S^T
+      dt2 = _dot2(static, _split(static, -dn, dtype), k_s, _SQUARE, transpose_b=True)
+      dhi_s[...] = (dbv * tiles.rows(x["beta_row"], dbv.shape)).astype(dtype)   # dv
       plgpu.commit_smem()
-      dbk = _dot3(static, xt_pair, (nhi_s, nlo_s), (CHUNK, kd))   # -T^T dN
-      dt2 = _dot2(static, (nhi_s, nlo_s), k_s, _SQUARE, transpose_b=True)
-      return dbk, dt2
+      plgpu.copy_smem_to_gmem(dhi_s, refs["dv"].at[rows])
+      # -T^T dN = -(T^T dU) S^T, from the product already formed.
+      dbk = -_dot2(static, _split(static, dbv, dtype), h_s, (CHUNK, kd), transpose_b=True)
+      return kk, dbk, dt2
 
-    dbk, dt2 = pl.run_scoped(with_dn, tiles.swizzled((CHUNK, kd), dtype),
-                             tiles.swizzled((CHUNK, kd), dtype))
+    kk, dbk, dt2 = pl.run_scoped(with_states, tiles.swizzled((kd, vd), dtype))
     dt = dt + dt2 * tiles.cols(x["beta_col"] * x["into_col"], _SQUARE)
     kf = tiles.load(k_s, _TILE, interp).astype(_F32)
     kdbk = (dbk * kf).sum(axis=1)
@@ -354,27 +345,26 @@ def _backward_kernel(static, refs, scratch):
     d_into = kdbk * x["beta_row"]
     dk = dbk * tiles.rows(x["beta_row"] * x["into"], dbk.shape)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    return dk, dt, dbeta, d_into
+    return x, kk, dk, dt, dbeta, d_into
 
-  dk, dt, dbeta, d_into = pl.run_scoped(
+  x, kk, dk, dt, dbeta, d_into = pl.run_scoped(
       phase1, tiles.swizzled((CHUNK, vd), dtype), tiles.swizzled((CHUNK, vd), dtype))
 
   # dL = -T^T dT T^T = -(X dT) X on the strictly lower same-document pairs.
-  def phase2(xhi_s, xlo_s, ahi_s, alo_s, ones_s):
-    _store_split(static, xt, xhi_s, xlo_s)
+  def phase2(ahi_s, alo_s, ones_s, dk_s):
+    plgpu.copy_gmem_to_smem(refs["dk_in"].at[rows], dk_s, one)   # waited for at the end
     _store_split(static, dt, ahi_s, alo_s)
     ones_s[...] = (tiles.zeros(_SQUARE, interp) + 1.0).astype(dtype)
     plgpu.commit_smem()
     y = _dot3(static, xt_pair, (ahi_s, alo_s), _SQUARE)
-    dl = -_dot3(static, _split(static, y, dtype), (xhi_s, xlo_s), _SQUARE)
+    dl = -_dot3(static, _split(static, y, dtype), xt_pair, _SQUARE)
     decay, strict = base._pair_decay(static, x["b_row"], x["b_col"], x["d_row"],
                                      x["d_col"], False)
-    kk = tiles.matmul(k_s, k_s, _SQUARE, interp, transpose_b=True)
     g = jnp.where(strict, dl * decay, 0.0)               # dL * D
     f = g * tiles.rows(x["beta_row"], _SQUARE)           # F = dL * D * beta_t
     p = f * kk                                           # dL * L
     _store_split(static, f, ahi_s, alo_s)
-    _store_split(static, p, xhi_s, xlo_s)
+    _store_split(static, p, xhi_s, xlo_s)                # X is no longer needed
     plgpu.commit_smem()
     dk_ = tiles.matmul_add(dk, ahi_s, k_s, interp)       # dk += F k + F^T k
     dk_ = tiles.matmul_add(dk_, alo_s, k_s, interp)
@@ -382,42 +372,38 @@ def _backward_kernel(static, refs, scratch):
     dk_ = tiles.matmul_add(dk_, alo_s, k_s, interp, transpose_a=True)
     colsum = _dot2(static, (xhi_s, xlo_s), ones_s, _SQUARE, transpose_a=True)
     db = p.sum(axis=1) - colsum.sum(axis=1) * (1.0 / CHUNK)
-    return dk_, dbeta + (g * kk).sum(axis=1), db
-
-  sq = tiles.swizzled(_SQUARE, dtype)
-  dk, dbeta, db = pl.run_scoped(phase2, sq, sq, sq, sq, sq)
-  dvec_s.at[0][...] = db
-  dvec_s.at[1][...] = d_into
-  dvec_s.at[2][...] = dbeta
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(dvec_s, refs["dvec"].at[batch, head, c])
-
-  def out_dk(dk_s):   # added to the gradient k already has from the walks
-    plgpu.copy_gmem_to_smem(refs["dk_in"].at[rows], dk_s, one)
-    plgpu.barrier_wait(one)
-    dk_s[...] = (tiles.load(dk_s, _TILE, interp).astype(_F32) + dk).astype(dtype)
+    dvec_s.at[0][...] = db
+    dvec_s.at[1][...] = d_into
+    dvec_s.at[2][...] = dbeta + (g * kk).sum(axis=1)
+    plgpu.barrier_wait(one)   # k's gradient from the walks, to add to
+    dk_s[...] = (tiles.load(dk_s, _TILE, interp).astype(_F32) + dk_).astype(dtype)
     plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dvec_s, refs["dvec"].at[batch, head, c])
     plgpu.copy_smem_to_gmem(dk_s, refs["dk"].at[rows])
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  pl.run_scoped(out_dk, tiles.swizzled((CHUNK, kd), dtype))
+  sq = tiles.swizzled(_SQUARE, dtype)
+  pl.run_scoped(phase2, sq, sq, sq, tiles.swizzled((CHUNK, kd), dtype))
   plgpu.wait_smem_to_gmem(0)
 
 
 def backward_call(static, k, v, beta, vec, xt, du, states, dk_in):
   """``dk_in + dk [B, T, H, K]`` and ``dv [B, T, H, V]`` in the inputs' dtype and
   ``[B, H, T / C, 3, C]`` float32 (the gradients of ``b``, ``e^b`` and ``beta``) from
-  ``dU [B, T, H, V]`` float32, the saved ``X`` and states, and k's gradient from the
-  walks ``dk_in``."""
+  ``dU [B, T, H, V]`` as two halves ``(high, low)`` in the inputs' dtype, the saved ``X``
+  halves and states, and k's gradient from the walks ``dk_in``."""
   b, tp, heads, kd = k.shape
-  vd, nc, dtype = static.value_dim, static.num_chunks, k.dtype
+  nc, dtype = static.num_chunks, k.dtype
+  du_hi, du_lo = du
+  sq = tiles.swizzled(_SQUARE, dtype)
   return base._parallel(
       static, _backward_kernel,
-      dict(k=k, v=v, states=states, vec=vec, beta=beta, xt=xt, du=du, dk_in=dk_in),
+      dict(k=k, v=v, states=states, vec=vec, beta=beta, xt=xt, du=du_hi, du_lo=du_lo,
+           dk_in=dk_in),
       dict(dk=jax.ShapeDtypeStruct((b, tp, heads, kd), dtype),
-           dv=jax.ShapeDtypeStruct((b, tp, heads, vd), dtype),
+           dv=jax.ShapeDtypeStruct((b, tp, heads, static.value_dim), dtype),
            dvec=jax.ShapeDtypeStruct((b, heads, nc, 3, CHUNK), _F32)),
-      (tiles.swizzled((CHUNK, kd), dtype), tiles.swizzled((CHUNK, vd), dtype),
-       plgpu.SMEM((4, CHUNK), _F32), plgpu.SMEM((4, CHUNK), _F32),
-       plgpu.SMEM((CHUNK,), _F32), plgpu.SMEM((CHUNK,), _F32), plgpu.SMEM((3, CHUNK), _F32),
-       plgpu.Barrier(num_arrivals=6), plgpu.Barrier()), b, heads)
+      (tiles.swizzled((CHUNK, kd), dtype), plgpu.SMEM((4, CHUNK), _F32),
+       plgpu.SMEM((4, CHUNK), _F32), plgpu.SMEM((CHUNK,), _F32), plgpu.SMEM((CHUNK,), _F32),
+       plgpu.SMEM((3, CHUNK), _F32), sq, sq, plgpu.Barrier(num_arrivals=10),
+       plgpu.Barrier()), b, heads)

@@ -58,6 +58,27 @@ def cols(vector, shape):
   return lax.broadcast_in_dim(vector, shape, [1])
 
 
+def high(x, dtype, interpret):
+  """``x`` (float32) rounded to ``dtype``: ``(in dtype, as float32)``. The interpreter's
+  arrays go through XLA, whose excess-precision rule may drop a float32 -> 16-bit ->
+  float32 round trip, so there the value is cut with a bit mask; compiled, it is
+  rounded."""
+  if interpret:
+    mask = 0xFFFF0000 if jnp.dtype(dtype) == jnp.bfloat16 else 0xFFFFE000
+    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(mask)
+    out = lax.bitcast_convert_type(bits, jnp.float32)
+    return out.astype(dtype), out
+  out = x.astype(dtype)
+  return out, out.astype(jnp.float32)
+
+
+def split(x, dtype, interpret):
+  """``x`` (float32) as ``high + low`` in ``dtype`` (16-bit products of float32 tiles:
+  about 16 significant bits with bfloat16)."""
+  hi, hi32 = high(x, dtype, interpret)
+  return hi, (x - hi32).astype(dtype)
+
+
 def _value(x, transpose):
   x = x if isinstance(x, jax.Array) else x[...]
   return x.T if transpose else x
