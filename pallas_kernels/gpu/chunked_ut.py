@@ -294,8 +294,9 @@ def forward_call(static, k, beta, vec, with_n=False):
 
 
 def _backward_kernel(static, refs, scratch):
-  """The input copies are issued at once and waited for once; the states' copy (into the
-  room v leaves) runs under ``k k^T``, and k's gradient so far under the last products."""
+  """The input copies (X and dU as the two halves the products take) are issued at once
+  and waited for once; the states follow into the room v leaves, and k's gradient so far
+  is copied in under the last products."""
   k_s, vec_s, vect_s, beta_s, betat_s, dvec_s, xhi_s, xlo_s, bar, one = scratch
   interp = static.interpret
   c, head, batch, rows = _position()
@@ -318,26 +319,32 @@ def _backward_kernel(static, refs, scratch):
       x = _factors(static, vec_s, vect_s, beta_s, betat_s)
       dbv = _dot3(static, xt_pair, du_pair, (CHUNK, vd))            # T^T dU
       vf = tiles.load(v_s, _TILE, interp).astype(_F32)
+      dv = (dbv * tiles.rows(x["beta_row"], dbv.shape)).astype(dtype)
       # dT = dU (beta v)^T - dN (beta e^b k)^T (column scales).
       dt = _dot2(static, du_pair, v_s, _SQUARE, transpose_b=True)
-      return x, dbv, (dbv * vf).sum(axis=1), dt * tiles.cols(x["beta_col"], _SQUARE)
+      return x, dv, (dbv * vf).sum(axis=1), dt * tiles.cols(x["beta_col"], _SQUARE)
 
-    x, dbv, dbeta, dt = pl.run_scoped(with_v, tiles.swizzled((CHUNK, vd), dtype))
+    x, dv, dbeta, dt = pl.run_scoped(with_v, tiles.swizzled((CHUNK, vd), dtype))
 
-    def with_states(h_s):   # in v's room; k k^T under the copy
+    def with_states(h_s):   # in the room v left
       plgpu.copy_gmem_to_smem(refs["states"].at[batch, head, c], h_s, one)
-      kk = tiles.matmul(k_s, k_s, _SQUARE, interp, transpose_b=True)
       plgpu.barrier_wait(one)
-      dn = _dot2(static, du_pair, h_s, (CHUNK, kd), transpose_b=True)     # dN = dU S^T
-      dt2 = _dot2(static, _split(static, -dn, dtype), k_s, _SQUARE, transpose_b=True)
-      dhi_s[...] = (dbv * tiles.rows(x["beta_row"], dbv.shape)).astype(dtype)   # dv
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(dhi_s, refs["dv"].at[rows])
-      # -T^T dN = -(T^T dU) S^T, from the product already formed.
-      dbk = -_dot2(static, _split(static, dbv, dtype), h_s, (CHUNK, kd), transpose_b=True)
-      return kk, dbk, dt2
+      return _dot2(static, du_pair, h_s, (CHUNK, kd), transpose_b=True)    # dN = dU S^T
 
-    kk, dbk, dt2 = pl.run_scoped(with_states, tiles.swizzled((kd, vd), dtype))
+    dn = pl.run_scoped(with_states, tiles.swizzled((kd, vd), dtype))
+    dhi_s[...] = dv
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dhi_s, refs["dv"].at[rows])
+
+    def with_dn(nhi_s, nlo_s):   # in the room the states left
+      _store_split(static, -dn, nhi_s, nlo_s)
+      plgpu.commit_smem()
+      dbk = _dot3(static, xt_pair, (nhi_s, nlo_s), (CHUNK, kd))   # -T^T dN
+      dt2 = _dot2(static, (nhi_s, nlo_s), k_s, _SQUARE, transpose_b=True)
+      return dbk, dt2
+
+    dbk, dt2 = pl.run_scoped(with_dn, tiles.swizzled((CHUNK, kd), dtype),
+                             tiles.swizzled((CHUNK, kd), dtype))
     dt = dt + dt2 * tiles.cols(x["beta_col"] * x["into_col"], _SQUARE)
     kf = tiles.load(k_s, _TILE, interp).astype(_F32)
     kdbk = (dbk * kf).sum(axis=1)
@@ -345,9 +352,9 @@ def _backward_kernel(static, refs, scratch):
     d_into = kdbk * x["beta_row"]
     dk = dbk * tiles.rows(x["beta_row"] * x["into"], dbk.shape)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    return x, kk, dk, dt, dbeta, d_into
+    return x, dk, dt, dbeta, d_into
 
-  x, kk, dk, dt, dbeta, d_into = pl.run_scoped(
+  x, dk, dt, dbeta, d_into = pl.run_scoped(
       phase1, tiles.swizzled((CHUNK, vd), dtype), tiles.swizzled((CHUNK, vd), dtype))
 
   # dL = -T^T dT T^T = -(X dT) X on the strictly lower same-document pairs.
@@ -360,6 +367,7 @@ def _backward_kernel(static, refs, scratch):
     dl = -_dot3(static, _split(static, y, dtype), xt_pair, _SQUARE)
     decay, strict = base._pair_decay(static, x["b_row"], x["b_col"], x["d_row"],
                                      x["d_col"], False)
+    kk = tiles.matmul(k_s, k_s, _SQUARE, interp, transpose_b=True)
     g = jnp.where(strict, dl * decay, 0.0)               # dL * D
     f = g * tiles.rows(x["beta_row"], _SQUARE)           # F = dL * D * beta_t
     p = f * kk                                           # dL * L

@@ -96,7 +96,9 @@ def test_ut_transform_and_gradients_match_float64(interpret, kd, vd, dtype, rng,
 
   def kernels(k, v, beta, vec, states, du, dk_in):
     pt, xt, n = ut.forward_call(static, k, beta, vec, with_n=True)
-    du_pair = tiles.split(du, dtype, interpret)   # as the gradient launch hands it over
+    # As the gradient launch hands it over (split outside a kernel, so with the bit mask
+    # that XLA's excess-precision rule cannot drop).
+    du_pair = tiles.split(du, dtype, interpret=True)
     return (pt, xt, n) + tuple(ut.backward_call(static, k, v, beta, vec, xt, du_pair,
                                                states, dk_in))
 
