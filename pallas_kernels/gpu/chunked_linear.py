@@ -373,7 +373,7 @@ def _grads_kernel(static, refs, scratch):
   its rounding and ``dv_lo`` the rest (the delta rules' UT backward multiplies by them
   directly)."""
   (q_s, k_s, v_s, do_s, hc_s, dh_s, vec_s, vect_s, kout_s, kout2_s, dk_s, dv_s, dvec_s,
-   dvec2_s, bar, *extra) = scratch
+   dvec2_s, bar, bar_states, *extra) = scratch
   tot_s = extra[:1] if "dtot" in refs else []
   dvlo_s = extra[-1] if "dv_lo" in refs else None
   interp, scale = static.interpret, static.scale
@@ -383,13 +383,13 @@ def _grads_kernel(static, refs, scratch):
   tile_c = (CHUNK, static.key_dim)
 
   @pl.when(wg == 0)
-  def _request():
+  def _request():   # the chunk's own tiles first; the products with the states wait apart
     _copy_in([(refs["q"].at[rows], q_s), (refs["k"].at[rows], k_s),
               (refs["v"].at[rows], v_s), (refs["do"].at[rows], do_s),
-              (refs["states"].at[batch, head, c], hc_s),
-              (refs["dstates"].at[batch, head, c], dh_s),
               (refs["vec"].at[batch, head, c], vec_s),
               (refs["vec"].at[batch, head, c], vect_s)], bar)
+    _copy_in([(refs["states"].at[batch, head, c], hc_s),
+              (refs["dstates"].at[batch, head, c], dh_s)], bar_states)
 
   plgpu.barrier_wait(bar)
 
@@ -404,6 +404,7 @@ def _grads_kernel(static, refs, scratch):
     a = scores * decay * scale
     db = jnp.where(strict, d_a * a, 0.0).sum(axis=1)
     dq = tiles.matmul((d_a * decay * scale).astype(dtype), k_s, tile_c, interp)
+    plgpu.barrier_wait(bar_states)
     doh = tiles.matmul(do_s, hc_s, tile_c, interp, transpose_b=True)
     qq = tiles.load(q_s, _TILE, interp).astype(_F32)
     dvec_s.at[0][...] = db
@@ -433,6 +434,7 @@ def _grads_kernel(static, refs, scratch):
     a_t = scores_t * decay_t * scale
     dvec2_s.at[0][...] = -jnp.where(strict_t, d_a_t * a_t, 0.0).sum(axis=1)
     dk = tiles.matmul((d_a_t * decay_t * scale).astype(dtype), q_s, tile_c, interp)
+    plgpu.barrier_wait(bar_states)
     vdh = tiles.matmul(v_s, dh_s, tile_c, interp, transpose_b=True)
     kk = tiles.load(k_s, _TILE, interp).astype(_F32)
     dvec2_s.at[1][...] = (kk * vdh).sum(axis=1)
@@ -505,7 +507,8 @@ def grads_call(static, q, k, v, d_o, states, dstates, vec, dv_split=False, with_
        one((kd, vd)), one((kd, vd)), plgpu.SMEM((4, CHUNK), _F32),
        plgpu.SMEM((4, CHUNK), _F32), one((CHUNK, kd)), one((CHUNK, kd)), one((CHUNK, kd)),
        one((CHUNK, vd)), plgpu.SMEM((2, CHUNK), _F32),
-       plgpu.SMEM((2, CHUNK), _F32), plgpu.Barrier(num_arrivals=8))
+       plgpu.SMEM((2, CHUNK), _F32), plgpu.Barrier(num_arrivals=6),
+       plgpu.Barrier(num_arrivals=2))
       + ((plgpu.SMEM((kd,), _F32),) if with_dtot else ())
       + ((one((CHUNK, vd)),) if dv_split else ()),
       b, heads, threads=2)
