@@ -117,7 +117,9 @@ def _wide(static, batch, heads):
 
 def _store_state(h, h_s, dest, pending):
   """A walk's state (float32 registers) out through ``h_s`` in its dtype, once at most
-  ``pending`` earlier copies are still reading shared memory."""
+  ``pending`` earlier copies are still reading shared memory: the copies a step issues
+  after its state copy, so that the last step's state copy is out before ``h_s`` is
+  overwritten (one more and the copy may read the next state: a race)."""
   plgpu.wait_smem_to_gmem(pending, wait_read_only=True)
   h_s[...] = h.astype(h_s.dtype)
   plgpu.commit_smem()
@@ -282,8 +284,9 @@ def _dstates_kernel(static, refs, scratch):
 
   def step(i, dh):
     c, slot = nc - 1 - i, lax.rem(i, 2)
-    with jax.named_scope("dS_store"):     # (once the last step's dS copy is out)
-      _store_state(dh, dh_s, refs["dstates"].at[batch, head, c, :, cols], 1)
+    with jax.named_scope("dS_store"):     # (once the last step's dS copy is out: the
+      # only copy a step issues, so none may still be pending)
+      _store_state(dh, dh_s, refs["dstates"].at[batch, head, c, :, cols], 0)
     with jax.named_scope("dS_wait"):
       plgpu.barrier_wait(full.at[slot])
     x = base._vectors(static, vec_s.at[slot], vect_s.at[slot], tot=tot_s.at[slot])
