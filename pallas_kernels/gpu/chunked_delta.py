@@ -24,7 +24,8 @@ corrections ``d``. So:
 
 * UT transform, grid ``(T / C / cpc, H, B)`` (``chunked_ut.py``, ``cpc`` chunks per CTA
   with the next one's keys prefetched): ``P^T = (T diag(beta))^T`` (input dtype) and
-  ``X = (I + L)^{-T}`` (float32, saved for the backward) for every chunk at once, so
+  ``X = (I + L)^{-T}`` (float32, saved for the backward as two 16-bit halves) for every
+  chunk at once, so
   ``U = P v`` and ``N = -P diag(e^b) k``: ``N`` is never written, the walks form
   ``N S = -P (diag(e^b) k S)`` from the keys they read anyway (memory traffic bounds
   these launches at the standard shapes). The gate factors ``e^b``, ``e^a``, ``e^G`` are
@@ -44,8 +45,9 @@ corrections ``d``. So:
   ``dS <- e^{G} dS + scale q^T diag(e^b) dO + N^T dd`` with
   ``N^T dd = -k^T diag(e^b) (P^T dd)``; saves ``dS``.
 * gradients: ``chunked_linear.grads_call`` with ``v = d`` gives dq, dk, the gate factors'
-  gradients, ``<S, dS>`` per chunk (the gradient of ``e^G``) and ``dd`` (as "dv",
-  float32: ``beta``'s gradient sums terms that cancel).
+  gradients, ``<S, dS>`` per chunk (the gradient of ``e^G``) and ``dd`` (as "dv", a
+  float32 tile handed over as two 16-bit halves: ``beta``'s gradient sums terms that
+  cancel).
 * UT transform's gradient, grid ``(T / C, H, B)`` (``chunked_ut.py``): from ``dU = dd`` and
   ``dN = dd S^T``, the gradients of k (added to the walk's), v, ``beta``, ``b`` and ``e^b``.
 
