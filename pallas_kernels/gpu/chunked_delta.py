@@ -27,8 +27,8 @@ corrections ``d``. So:
   ``X = (I + L)^{-T}`` (float32, saved for the backward as two 16-bit halves) for every
   chunk at once, so ``U = P v`` and ``N = -P diag(e^b) k``: ``N`` is never written, the
   walks form ``N S = -P (diag(e^b) k S)`` from the keys they read anyway (memory traffic
-  bounds these launches at the standard shapes). The gate factors ``e^b``, ``e^a``, ``e^G`` are
-  shared with ``chunked_linear.py`` (XLA, gradients by autodiff).
+  bounds these launches at the standard shapes). The gate factors ``e^b``, ``e^a``,
+  ``e^G`` are shared with ``chunked_linear.py`` (XLA, gradients by autodiff).
 * forward walk: a producer warpgroup copies each chunk's q, k, v, ``P^T`` into a ring
   of two slots; each consumer warpgroup carries ``S[:, 64 values]`` in float32 registers
   and per chunk forms ``d = P (v - diag(e^b) k S)``, the output
